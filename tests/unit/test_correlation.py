@@ -1,0 +1,189 @@
+"""The streaming correlation engine against NumPy float64 on the concatenated data (paper-spec §9.1-9.3)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from precompute.activations import ActivationBatch
+from precompute.correlation import (
+    CorrelationConfig,
+    CorrelationEngine,
+    CorrelationError,
+    ModelShape,
+    rotation_matrix,
+)
+
+
+def make_batches(acts: dict[str, np.ndarray], counted: np.ndarray, splits: list[int]) -> list[ActivationBatch]:
+    """Cut [rows, pos, layers, d] activations into batches at the given row boundaries."""
+    batches = []
+    bounds = [0, *splits, counted.shape[0]]
+    for start, stop in itertools.pairwise(bounds):
+        if stop <= start:
+            continue
+        batches.append(
+            ActivationBatch(
+                row_start=start,
+                tokens=torch.zeros(stop - start, counted.shape[1], dtype=torch.int64),
+                counted=torch.from_numpy(counted[start:stop]),
+                hook_post={name: torch.from_numpy(a[start:stop]) for name, a in acts.items()},
+                hook_pre={},
+            )
+        )
+    return batches
+
+
+def run_engine(shapes, acts, counted, splits, **config) -> CorrelationEngine:
+    engine = CorrelationEngine(shapes, CorrelationConfig(**config))
+    batches = make_batches(acts, counted, splits)
+    while not engine.done:
+        for batch in batches:
+            engine.update(batch)
+        engine.finish_pass()
+    return engine
+
+
+def numpy_corr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson correlation of every column of x with every column of y, float64."""
+    full = np.corrcoef(x.astype(np.float64).T, y.astype(np.float64).T)
+    return full[: x.shape[1], x.shape[1] :]
+
+
+def random_activations(rng, rows, pos, layers, d, offset=0.0, scale=1.0):
+    pre = rng.standard_normal((rows, pos, layers, d)).astype(np.float32)
+    return (np.maximum(pre, 0) * scale + offset + 0.05 * pre).astype(np.float32)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**16),
+    rows=st.integers(3, 12),
+    splits=st.lists(st.integers(0, 12), max_size=4),
+    offset=st.floats(-50, 50),
+    scale=st.floats(0.01, 100),
+    precision=st.sampled_from(["float32", "float64"]),
+)
+def test_streaming_matches_numpy_for_any_batch_split(seed, rows, splits, offset, scale, precision):
+    rng = np.random.default_rng(seed)
+    pos, layers, d = 7, 2, 5
+    acts = {
+        "a": random_activations(rng, rows, pos, layers, d, offset, scale),
+        "b": random_activations(rng, rows, pos, 3, 4),
+    }
+    acts["b"][..., 0, 0] += acts["a"][..., 1, 2] * 2.0  # one strongly related pair
+    counted = rng.random((rows, pos)) > 0.2
+    counted[0, :2] = True
+    shapes = [ModelShape("a", layers, d), ModelShape("b", 3, 4)]
+    engine = run_engine(shapes, acts, counted, sorted(s for s in splits if s < rows), precision=precision, top_k=3)
+
+    x = acts["a"][counted].reshape(-1, layers * d)
+    y = acts["b"][counted].reshape(-1, 12)
+    expected = numpy_corr(x, y)
+    result = engine.results[(0, 1)]
+    np.testing.assert_allclose(result.top_corr[:, 0].numpy(), expected.max(axis=1), atol=1e-6)
+    np.testing.assert_array_equal(result.top_index[:, 0].numpy(), expected.argmax(axis=1))
+    np.testing.assert_allclose(result.top_corr.numpy(), -np.sort(-expected, axis=1)[:, :3], atol=1e-6)
+    reverse = engine.results[(1, 0)]
+    np.testing.assert_allclose(reverse.top_corr[:, 0].numpy(), expected.max(axis=0), atol=1e-6)
+    assert engine.moments[0].count == counted.sum()
+
+
+def test_rotated_baseline_matches_explicit_rotation():
+    rng = np.random.default_rng(1)
+    rows, pos, d = 6, 16, 8
+    acts = {"a": random_activations(rng, rows, pos, 2, d), "b": random_activations(rng, rows, pos, 2, d)}
+    counted = np.ones((rows, pos), dtype=bool)
+    shapes = [ModelShape("a", 2, d), ModelShape("b", 2, d)]
+    for kind in ("gaussian", "haar"):
+        engine = run_engine(shapes, acts, counted, [2, 4], baseline=kind, baseline_seed=7)
+        x = acts["a"].reshape(-1, 2 * d).astype(np.float64)
+        y = acts["b"].reshape(-1, 2, d).astype(np.float64)
+        rotated = np.concatenate(
+            [y[:, layer] @ engine._rotation(1, layer).cpu().numpy().T for layer in range(2)], axis=1
+        )
+        expected = numpy_corr(x, rotated)
+        np.testing.assert_allclose(engine.results[(0, 1)].baseline_corr.numpy(), expected.max(axis=1), atol=1e-6)
+        np.testing.assert_array_equal(engine.results[(0, 1)].baseline_index.numpy(), expected.argmax(axis=1))
+
+
+def test_baseline_ignores_row_scaling_of_the_rotation():
+    """Scaling rows of R scales each rotated unit: its correlation, hence the baseline, is unchanged."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((500, 3))
+    y = rng.standard_normal((500, 4))
+    rotation = rotation_matrix(4, "gaussian", seed=3).numpy()
+    scaled = rotation * np.array([[0.5], [2.0], [3.0], [10.0]])
+    np.testing.assert_allclose(numpy_corr(x, y @ rotation.T), numpy_corr(x, y @ scaled.T), atol=1e-12)
+
+
+def test_invariant_to_positive_affine_maps_and_self_correlation_is_one():
+    rng = np.random.default_rng(3)
+    rows, pos, d = 5, 20, 6
+    base = random_activations(rng, rows, pos, 1, d)
+    acts = {"a": base, "b": (base * 3.5 + 11.0).astype(np.float32)}
+    counted = np.ones((rows, pos), dtype=bool)
+    engine = run_engine([ModelShape("a", 1, d), ModelShape("b", 1, d)], acts, counted, [1, 3])
+    result = engine.results[(0, 1)]
+    np.testing.assert_allclose(result.top_corr[:, 0].numpy(), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(result.top_index[:, 0].numpy(), np.arange(d))
+    negated = {"a": base, "b": (-base).astype(np.float32)}
+    engine = run_engine([ModelShape("a", 1, d), ModelShape("b", 1, d)], negated, counted, [])
+    # every correlation with a negated copy: the twin is at -1
+    x = base.reshape(-1, d)
+    np.testing.assert_allclose(numpy_corr(x, -x).diagonal(), -1.0, atol=1e-12)
+    assert (engine.results[(0, 1)].top_corr[:, 0].numpy() < 1.0 - 1e-3).all()
+
+
+def test_dead_neurons_are_never_matched():
+    rng = np.random.default_rng(4)
+    acts = {"a": random_activations(rng, 4, 10, 1, 3), "b": random_activations(rng, 4, 10, 1, 3)}
+    acts["a"][..., 0, 1] = 0.25  # constant
+    acts["b"][..., 0, 2] = -0.1
+    counted = np.ones((4, 10), dtype=bool)
+    engine = run_engine([ModelShape("a", 1, 3), ModelShape("b", 1, 3)], acts, counted, [2])
+    assert engine.dead_neurons(0).tolist() == [False, True, False]
+    assert torch.isinf(engine.results[(0, 1)].top_corr[1]).all()
+    assert 2 not in engine.results[(0, 1)].top_index[:, 0].tolist()
+
+
+def test_memory_budget_splits_into_passes_with_identical_results():
+    rng = np.random.default_rng(5)
+    acts = {name: random_activations(rng, 6, 12, 3, 4) for name in "abc"}
+    counted = np.ones((6, 12), dtype=bool)
+    shapes = [ModelShape(name, 3, 4) for name in "abc"]
+    whole = run_engine(shapes, acts, counted, [3])
+    split = run_engine(shapes, acts, counted, [3], memory_budget_gb=4 * 12 * 8 / 2**30)
+    assert split.n_passes > whole.n_passes == 1
+    for key, result in whole.results.items():
+        torch.testing.assert_close(split.results[key].top_corr, result.top_corr)
+        torch.testing.assert_close(split.results[key].baseline_corr, result.baseline_corr)
+
+
+def test_state_dict_round_trip_resumes_mid_pass():
+    rng = np.random.default_rng(6)
+    acts = {name: random_activations(rng, 6, 12, 2, 4) for name in "ab"}
+    counted = np.ones((6, 12), dtype=bool)
+    shapes = [ModelShape(name, 2, 4) for name in "ab"]
+    batches = make_batches(acts, counted, [2, 4])
+    reference = run_engine(shapes, acts, counted, [2, 4])
+    first = CorrelationEngine(shapes, CorrelationConfig())
+    first.update(batches[0])
+    resumed = CorrelationEngine(shapes, CorrelationConfig())
+    resumed.load_state_dict(first.state_dict())
+    for batch in batches[1:]:
+        resumed.update(batch)
+    resumed.finish_pass()
+    torch.testing.assert_close(resumed.results[(0, 1)].top_corr, reference.results[(0, 1)].top_corr)
+
+
+def test_bad_configuration_is_refused_with_the_choices():
+    with pytest.raises(CorrelationError, match="gaussian, haar"):
+        CorrelationConfig(baseline="orthogonal")  # type: ignore[arg-type]
+    with pytest.raises(CorrelationError, match="for CUDA"):
+        CorrelationConfig(precision="bfloat16").resolved_precision(torch.device("cpu"))
