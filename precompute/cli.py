@@ -16,7 +16,7 @@ from pathlib import Path
 from precompute.correlation import BASELINES, PRECISIONS, CorrelationConfig, CorrelationError
 from precompute.data import DataError, DatasetConfig
 from precompute.models import ModelLoadError
-from precompute.pipeline import STAGE_FACTORIES, ConfigError, PrecomputeConfig
+from precompute.pipeline import DEFAULT_STAGES, STAGE_FACTORIES, ConfigError, PrecomputeConfig
 
 logger = logging.getLogger("universal_neurons")
 
@@ -164,7 +164,7 @@ def precompute_config(args: argparse.Namespace) -> PrecomputeConfig:
         threshold=args.threshold,
         device=args.device,
         dtype=args.dtype,
-        stages=args.stages or tuple(STAGE_FACTORIES),
+        stages=args.stages or DEFAULT_STAGES,
         checkpoint_seconds=args.checkpoint_seconds,
     )
 

@@ -178,9 +178,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrai
     (0, 'return x')
     """
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(
-            f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + {ENDOFTEXT}), got {vocab_size}"
-        )
+        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + {ENDOFTEXT}), got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -229,7 +227,9 @@ def pack_texts(texts: list[str], tokenizer: PreTrainedTokenizerFast, ctx: int, c
 
     def token_lists() -> Iterable[list[int]]:
         for start in range(0, len(texts), chunk):
-            yield from tokenizer(texts[start : start + chunk], add_special_tokens=False)["input_ids"]
+            # verbose=False: documents are longer than model_max_length (ctx) before packing, as intended.
+            encoded = tokenizer(texts[start : start + chunk], add_special_tokens=False, verbose=False)
+            yield from encoded["input_ids"]
 
     rows = pack_documents(token_lists(), ctx, bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id)
     return rows.astype(np.uint16 if len(tokenizer) <= 2**16 else np.int32)

@@ -353,9 +353,7 @@ def _check_same(recorded: dict[str, Any], config: TrainConfig, where: Path) -> N
         )
 
 
-def train_family(
-    config: TrainConfig, command: str | None = None, on_step: OnStep | None = None
-) -> list[Path]:
+def train_family(config: TrainConfig, command: str | None = None, on_step: OnStep | None = None) -> list[Path]:
     """Train every seed of `config` one after the other; finished seeds are skipped, unfinished ones resume.
 
     Args:

@@ -14,6 +14,7 @@ Order of work, so that bad input costs nothing and loses nothing:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import platform
@@ -32,7 +33,7 @@ from precompute.store import AtlasStore, config_hash
 
 logger = logging.getLogger(__name__)
 
-#: Every stage, in the order they run. Analyses beyond correlations register themselves in `STAGE_FACTORIES`.
+#: The stages a run does unless told otherwise, in order.
 DEFAULT_STAGES: tuple[str, ...] = ("correlations",)
 
 
@@ -113,14 +114,16 @@ class Stage(Protocol):
     def write(self, context: RunContext) -> None: ...
 
 
-def _correlation_stage(context: RunContext) -> Stage:
-    from precompute.universality import CorrelationStage
+#: Stage name -> "module:Class"; a stage class is built with the `RunContext`. Imported only when run.
+STAGE_FACTORIES: dict[str, str] = {
+    "correlations": "precompute.universality:CorrelationStage",
+}
 
-    return CorrelationStage(context)
 
-
-#: Stage name -> factory. Later modules add theirs (stats, examples, families, roles).
-STAGE_FACTORIES: dict[str, Any] = {"correlations": _correlation_stage}
+def build_stage(name: str, context: RunContext) -> Stage:
+    module_name, class_name = STAGE_FACTORIES[name].split(":")
+    stage_class = getattr(importlib.import_module(module_name), class_name)
+    return stage_class(context)
 
 
 def environment_record(device: str) -> dict[str, Any]:
@@ -228,7 +231,7 @@ def _run(config: PrecomputeConfig, store: AtlasStore, models: list[LoadedModel],
 
 def _run_stages(context: RunContext) -> None:
     config = context.config
-    stages = [STAGE_FACTORIES[name](context) for name in config.stages]
+    stages = [build_stage(name, context) for name in config.stages]
     checkpoint = checkpoint_path(config.db, context.run_id)
     rows_done = 0
     seconds: dict[str, float] = {stage.name: 0.0 for stage in stages}

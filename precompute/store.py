@@ -177,6 +177,226 @@ distributions = Table(
 #: Tables holding per-model results, deleted before a stage rewrites them (idempotent resume).
 CORRELATION_TABLES = (neurons, partner_scores, matches, layer_summaries, distributions)
 
+# --- revision 0002: neuron analyses (statistics, examples, families, roles) -------------------------------
+# BLOB columns hold little-endian NumPy arrays; each column's comment names its dtype and shape.
+
+activation_stats = Table(
+    "activation_stats",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("layer", Integer, primary_key=True),
+    Column("neuron", Integer, primary_key=True),
+    Column("n_tokens", Integer, nullable=False, comment="counted tokens the moments cover"),
+    Column("pre_mean", Float, comment="mean of mlp.hook_pre"),
+    Column("pre_var", Float, comment="population variance of mlp.hook_pre"),
+    Column("pre_skew", Float),
+    Column("pre_kurt", Float, comment="non-excess kurtosis: a Gaussian gives 3"),
+    Column("pre_min", Float),
+    Column("pre_max", Float),
+    Column("frequency", Float, comment="activation frequency P(hook_pre > 0)"),
+    Column("post_mean", Float, comment="mean of mlp.hook_post"),
+    Column("post_var", Float),
+    Column("post_skew", Float),
+    Column("post_kurt", Float),
+    Column("post_min", Float),
+    Column("post_max", Float),
+)
+
+histograms = Table(
+    "histograms",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("layer", Integer, primary_key=True),
+    Column("neuron", Integer, primary_key=True),
+    Column("hook", String, primary_key=True, comment="hook_pre | hook_post"),
+    Column("low", Float, nullable=False, comment="left edge of the first regular bin"),
+    Column("high", Float, nullable=False, comment="right edge of the last regular bin"),
+    Column("n_bins", Integer, nullable=False, comment="regular bins between low and high"),
+    Column("counts", LargeBinary, nullable=False, comment="int64[n_bins + 2]: underflow, bins..., overflow"),
+)
+
+position_profiles = Table(
+    "position_profiles",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("layer", Integer, primary_key=True),
+    Column("neuron", Integer, primary_key=True),
+    Column("hook", String, primary_key=True, comment="hook_pre | hook_post"),
+    Column("mean", LargeBinary, nullable=False, comment="float32[ctx]: mean activation at each position"),
+    Column("std", LargeBinary, nullable=False, comment="float32[ctx]: standard deviation at each position"),
+    Column("count", LargeBinary, nullable=False, comment="int64[ctx]: counted tokens at each position"),
+)
+
+weight_stats = Table(
+    "weight_stats",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("layer", Integer, primary_key=True),
+    Column("neuron", Integer, primary_key=True),
+    Column("w_in_norm", Float, nullable=False, comment="|w_in| of the processed weights"),
+    Column("w_out_norm", Float, nullable=False),
+    Column("input_bias", Float, nullable=False, comment="b_in after folding LN"),
+    Column("in_out_sim", Float, nullable=False, comment="cos(w_in, w_out)"),
+    Column("l2_penalty", Float, nullable=False, comment="|w_in|^2 + |w_out|^2"),
+    Column("vocab_mean", Float, nullable=False, comment="mean over the vocabulary of cos(W_U[:, v], w_out)"),
+    Column("vocab_var", Float, nullable=False),
+    Column("vocab_skew", Float, nullable=False),
+    Column("vocab_kurt", Float, nullable=False, comment="non-excess: a random direction gives about 3"),
+    Column("null_space_fraction", Float, comment="share of |w_out|^2 in W_U's near-null space"),
+)
+
+percentiles = Table(
+    "percentiles",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("layer", Integer, primary_key=True),
+    Column("neuron", Integer, primary_key=True),
+    Column("statistic", String, primary_key=True, comment="a column of activation_stats or weight_stats"),
+    Column("percentile", Float, nullable=False, comment="0-100 within the neuron's layer (paper Fig. 3)"),
+)
+
+token_tables = Table(
+    "token_tables",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("layer", Integer, primary_key=True),
+    Column("neuron", Integer, primary_key=True),
+    Column(
+        "kind",
+        String,
+        primary_key=True,
+        comment="unembed_top | unembed_bottom (W_U w_out), embed_top (W_E w_in), mean_activation, max_activation",
+    ),
+    Column("rank", Integer, primary_key=True),
+    Column("token_id", Integer, nullable=False),
+    Column("value", Float, nullable=False),
+    Column("count", Integer, comment="occurrences among counted tokens (activation tables)"),
+)
+Index("ix_token_tables_token", token_tables.c.model_id, token_tables.c.kind, token_tables.c.token_id)
+
+examples = Table(
+    "examples",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("layer", Integer, primary_key=True),
+    Column("neuron", Integer, primary_key=True),
+    Column("kind", String, primary_key=True, comment="top | quantile | random"),
+    Column("rank", Integer, primary_key=True, comment="order within (kind, bin)"),
+    Column("bin", Integer, primary_key=True, comment="quantile bin index (0 for top and random)"),
+    Column("bin_low", Float, comment="activation range of the quantile bin"),
+    Column("bin_high", Float),
+    Column("bin_fraction", Float, comment="share of counted tokens in the bin"),
+    Column("dataset_row", Integer, nullable=False),
+    Column("start", Integer, nullable=False, comment="position in the row of the snippet's first token"),
+    Column("peak", Integer, nullable=False, comment="index in the snippet of the example's token"),
+    Column("activation", Float, nullable=False, comment="hook_post at the example's token"),
+    Column("token_ids", LargeBinary, nullable=False, comment="int32[snippet]"),
+    Column("activations", LargeBinary, nullable=False, comment="float16[snippet]: hook_post of every token"),
+)
+
+families = Table(
+    "families",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("layer", Integer, primary_key=True),
+    Column("neuron", Integer, primary_key=True),
+    Column(
+        "family",
+        String,
+        nullable=False,
+        comment="unigram | alphabet | previous_token | position | syntax | semantic | none",
+    ),
+    Column("best_feature", String),
+    Column("best_vr", Float, comment="variance reduction of the best feature (paper eq. 4)"),
+    Column("position_mi", Float, comment="binary mutual information of firing with position"),
+    Column("evidence", JSON, comment="how the label was reached"),
+)
+Index("ix_families_family", families.c.model_id, families.c.family)
+
+feature_scores = Table(
+    "feature_scores",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("layer", Integer, primary_key=True),
+    Column("neuron", Integer, primary_key=True),
+    Column("rank", Integer, primary_key=True),
+    Column("feature", String, nullable=False, comment="e.g. token:def, prev_token:(, syntax:keyword"),
+    Column(
+        "feature_set",
+        String,
+        nullable=False,
+        comment="unigram | alphabet | token_class | previous_token | position | syntax | spacy",
+    ),
+    Column("variance_reduction", Float, nullable=False),
+    Column("fraction", Float, comment="share of counted tokens where the feature holds"),
+)
+
+roles = Table(
+    "roles",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("layer", Integer, primary_key=True),
+    Column("neuron", Integer, primary_key=True),
+    Column("vocab_role", String, comment="prediction | suppression | partition | NULL"),
+    Column("entropy_rank", Integer, comment="rank by null_space_fraction * |w_out| among candidates"),
+    Column("attention_role", String, comment="deactivation | activation | NULL, for the strongest head"),
+    Column("attention_layer", Integer),
+    Column("attention_head", Integer),
+    Column("attention_score", Float, comment="h = w_out^T W_Q k_BOS / sqrt(d_head), unit w_out"),
+)
+
+entropy_interventions = Table(
+    "entropy_interventions",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("layer", Integer, primary_key=True),
+    Column("neuron", Integer, primary_key=True),
+    Column("value", Float, primary_key=True, comment="the fixed activation (hook_post)"),
+    Column("is_baseline", Boolean, nullable=False, comment="a random last-two-layer neuron, for comparison"),
+    Column("ln_scale", Float, nullable=False, comment="mean final LN scale"),
+    Column("entropy", Float, nullable=False, comment="mean next-token entropy (nats)"),
+    Column("loss", Float, nullable=False),
+    Column("reciprocal_rank", Float, nullable=False, comment="mean 1/(rank+1) of the true next token"),
+    Column("n_tokens", Integer, nullable=False),
+)
+
+attention_scores = Table(
+    "attention_scores",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("layer", Integer, primary_key=True),
+    Column("neuron", Integer, primary_key=True),
+    Column("rank", Integer, primary_key=True, comment="0 = largest |score|"),
+    Column("attention_layer", Integer, nullable=False),
+    Column("head", Integer, nullable=False),
+    Column("score", Float, nullable=False),
+)
+
+path_ablations = Table(
+    "path_ablations",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("layer", Integer, primary_key=True),
+    Column("neuron", Integer, primary_key=True),
+    Column("attention_layer", Integer, primary_key=True),
+    Column("head", Integer, primary_key=True),
+    Column("pearson_bos", Float, comment="corr(activation, change in attention to BOS)"),
+    Column("spearman_bos", Float),
+    Column("pearson_norm", Float, comment="corr(activation, change in |z|)"),
+    Column("spearman_norm", Float),
+    Column("n_points", Integer, nullable=False),
+    Column("points", LargeBinary, nullable=False, comment="float32[n, 3]: activation, d_bos_attention, d_norm"),
+)
+
+#: The tables each analysis stage owns (cleared before it rewrites them).
+STAGE_TABLES = {
+    "correlations": CORRELATION_TABLES,
+    "stats": (activation_stats, histograms, position_profiles, weight_stats, percentiles, token_tables),
+    "examples": (examples,),
+    "families": (families, feature_scores),
+    "roles": (roles, entropy_interventions, attention_scores, path_ablations),
+}
+
 
 def utc_now() -> str:
     """The current UTC time as ISO-8601 text."""
@@ -399,7 +619,6 @@ __all__ = [
     "ALEMBIC_DIR",
     "CORRELATION_TABLES",
     "AtlasStore",
-    "LargeBinary",
     "blob",
     "config_hash",
     "current_revision",
