@@ -8,6 +8,7 @@ activations: consumers (the correlation engine, the statistics stages) fold each
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -40,10 +41,15 @@ class ActivationBatch:
     hook_post: dict[str, torch.Tensor]  # model name -> [batch, pos, n_layers, d_mlp]
     hook_pre: dict[str, torch.Tensor]  # model name -> [batch, pos, n_layers, d_mlp] (when asked for)
 
+    @functools.cached_property
+    def counted_index(self) -> torch.Tensor:
+        """Flat indices (into batch * pos) of the counted positions."""
+        return self.counted.reshape(-1).nonzero().squeeze(1)
+
     def counted_post(self, model: str) -> torch.Tensor:
-        """Post-activations at counted positions, flattened: [tokens, n_layers * d_mlp]."""
+        """Post-activations at counted positions, flattened: [tokens, n_layers * d_mlp] (a copy)."""
         post = self.hook_post[model]
-        return post[self.counted].reshape(-1, post.shape[-2] * post.shape[-1])
+        return post.reshape(-1, post.shape[-2] * post.shape[-1]).index_select(0, self.counted_index)
 
 
 class ActivationConsumer(Protocol):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -144,14 +144,23 @@ class StreamingMoments:
     shift: torch.Tensor | None = None  # [n_neurons] float32, the first batch's mean
     count: int = 0
     total: torch.Tensor | None = None  # [n_neurons] float64: Σ (x - shift)
-    total_sq: torch.Tensor | None = None  # [n_neurons] float64: Σ (x - shift)²
     gram: torch.Tensor | None = None  # [n_layers, d_mlp, d_mlp] float64 (float32 on CUDA): Σ x_l x_lᵀ
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def variance_sums(self) -> torch.Tensor:
-        """Σ (x - mean)² per neuron (n times the population variance)."""
-        assert self.total is not None and self.total_sq is not None
-        return (self.total_sq - self.total.square() / self.count).clamp_min(0)
+        """Σ (x - mean)² per neuron (n times the population variance); Σ x² is the Gram diagonal."""
+        assert self.total is not None and self.gram is not None
+        total_sq = self.gram.diagonal(dim1=1, dim2=2).reshape(-1).double()
+        return (total_sq - self.total.square() / self.count).clamp_min(0)
+
+
+def bf16_matmul_fp32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left @ right for bf16 operands with float32 accumulation and output (CUDA ``out_dtype``)."""
+    try:
+        if left.dim() == 2:
+            return torch.mm(left, right, out_dtype=torch.float32)
+        return torch.bmm(left, right, out_dtype=torch.float32)
+    except (RuntimeError, TypeError):  # no out_dtype kernel here: fp32 operands (TF32 on GPUs that allow it)
+        return left.float() @ right.float()
 
 
 def rotation_matrix(d: int, kind: BaselineKind, seed: int) -> torch.Tensor:
@@ -302,18 +311,14 @@ class CorrelationEngine:
         return x
 
     def _products(self, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> None:
-        """out += leftᵀ right for operands in the engine's precision ([tokens, m] and [tokens, n])."""
+        """out += leftᵀ right for operands in the engine's precision ([..., tokens, m] and [..., tokens, n])."""
+        left_t = left.transpose(-2, -1)
         if self.precision == "bfloat16":
-            try:
-                out.add_(torch.mm(left.T, right, out_dtype=torch.float32))
-                return
-            except (RuntimeError, TypeError):  # older torch: no out_dtype; bf16 result, fp32 accumulation
-                out.add_(torch.mm(left.T, right).float())
-                return
-        if out.dtype == left.dtype:
-            out.addmm_(left.T, right)
+            out.add_(bf16_matmul_fp32(left_t, right))
+        elif out.dtype == left.dtype:
+            out.baddbmm_(left_t, right) if out.dim() == 3 else out.addmm_(left_t, right)
         else:
-            out.add_(left.T @ right)
+            out.add_(left_t @ right)
 
     def update(self, batch: ActivationBatch) -> None:
         """Fold one batch into the current pass's accumulators (and, in pass 0, into the moments)."""
@@ -333,33 +338,32 @@ class CorrelationEngine:
         operands = [self._operand(x) for x in centred]
         if self.pass_index == 0:
             for index, shape in enumerate(self.shapes):
-                self._update_moments(self.moments[index], shape, centred[index], operands[index])
+                self._update_moments(self.moments[index], shape, operands[index])
         for block, accumulator in self.accumulators.items():
             d_a = self.shapes[block.a].d_mlp
             left = operands[block.a][:, block.layer_start * d_a : block.layer_stop * d_a]
             self._products(left, operands[block.b], accumulator)
 
-    def _update_moments(
-        self, moments: StreamingMoments, shape: ModelShape, x: torch.Tensor, operand: torch.Tensor
-    ) -> None:
-        x64 = x.double()
+    def _update_moments(self, moments: StreamingMoments, shape: ModelShape, operand: torch.Tensor) -> None:
+        """Sums by a ones-vector GEMM and within-layer Gram matrices by one batched GEMM.
+
+        The Gram diagonals are the sums of squares, so those come for free.
+        """
         if moments.total is None:
             moments.total = torch.zeros(shape.n_neurons, dtype=torch.float64, device=self.device)
-            moments.total_sq = torch.zeros_like(moments.total)
             moments.gram = torch.zeros(
                 shape.n_layers, shape.d_mlp, shape.d_mlp, dtype=self.accumulator_dtype, device=self.device
             )
-        assert moments.total_sq is not None and moments.gram is not None
-        moments.count += x.shape[0]
-        moments.total += x64.sum(dim=0)
-        moments.total_sq += x64.square().sum(dim=0)
-        per_layer = operand.view(-1, shape.n_layers, shape.d_mlp).transpose(0, 1)  # [layers, tokens, d_mlp]
-        if self.precision == "bfloat16":
-            moments.gram.add_(torch.bmm(per_layer.transpose(1, 2).float(), per_layer.float()))
-        elif moments.gram.dtype == per_layer.dtype:
-            moments.gram.baddbmm_(per_layer.transpose(1, 2), per_layer)
+        assert moments.gram is not None
+        tokens = operand.shape[0]
+        moments.count += tokens
+        ones = torch.ones(1, tokens, dtype=operand.dtype, device=self.device)
+        if self.precision == "bfloat16":  # sums need more than bf16's 8 bits: use the float32 activations
+            moments.total += (ones.float() @ operand.float()).squeeze(0).double()
         else:
-            moments.gram.add_(torch.bmm(per_layer.transpose(1, 2), per_layer))
+            moments.total += (ones @ operand).squeeze(0).double()
+        per_layer = operand.view(tokens, shape.n_layers, shape.d_mlp).transpose(0, 1)  # [layers, tokens, d_mlp]
+        self._products(per_layer, per_layer, moments.gram)
 
     # --- results ------------------------------------------------------------------------------------------
 
@@ -451,10 +455,7 @@ class CorrelationEngine:
     def state_dict(self) -> dict:
         return {
             "pass_index": self.pass_index,
-            "moments": [
-                {"shift": m.shift, "count": m.count, "total": m.total, "total_sq": m.total_sq, "gram": m.gram}
-                for m in self.moments
-            ],
+            "moments": [{"shift": m.shift, "count": m.count, "total": m.total, "gram": m.gram} for m in self.moments],
             "accumulators": {(b.a, b.b, b.layer_start, b.layer_stop): t for b, t in self.accumulators.items()},
             "results": {key: vars(result) for key, result in self.results.items()},
             "passes": [[(b.a, b.b, b.layer_start, b.layer_stop) for b in p] for p in self.passes],
@@ -469,7 +470,6 @@ class CorrelationEngine:
                 shift=None if m["shift"] is None else m["shift"].to(device),
                 count=m["count"],
                 total=None if m["total"] is None else m["total"].to(device),
-                total_sq=None if m["total_sq"] is None else m["total_sq"].to(device),
                 gram=None if m["gram"] is None else m["gram"].to(device),
             )
             for m in state["moments"]
