@@ -46,7 +46,7 @@ bench: install
 
 # Reproduces the shipped family in zoo/stdlib-tiny (see docs/embedded-family.md for the measured run).
 train-family: install
-	$(BIN)/universal-neurons train --out zoo/stdlib-tiny --seeds 0 1 2 3 4
+	$(BIN)/universal-neurons train --out zoo/stdlib-tiny --seeds 0 1 2 3 4 --save-dtype float16
 
 clean:
 	rm -rf $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm $(DEMO_DB).checkpoints

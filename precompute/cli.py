@@ -53,6 +53,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     parser.add_argument("--data-seed", type=int, default=None, help="seed of the one shared data order")
     parser.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bf16 autocast")
+    parser.add_argument(
+        "--save-dtype", choices=["float32", "float16"], default="float32", help="dtype of the saved weights"
+    )
     parser.add_argument("--device", default="cpu")
 
 
@@ -188,6 +191,7 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
         seeds=tuple(args.seeds),
         bf16=not args.no_bf16,
         device=args.device,
+        save_dtype=args.save_dtype,
         **{k: v for k, v in overrides.items() if v is not None},
     )
     train_family(config, command="universal-neurons " + shlex.join(argv))

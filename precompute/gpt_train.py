@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 
 SaveDtype = Literal["float32", "float16", "bfloat16"]
 SAVE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
-#: Fields that change how a run executes but not what it computes; a resume may change them.
+#: Fields that change how a run executes, not what it computes; a resume may change them. (A bit-identical
+#: resume needs the same thread count: float sums are reduced in per-thread chunks.)
 RUN_ONLY_FIELDS = frozenset({"out_dir", "seeds", "threads", "checkpoint_every_steps"})
 _POSITIVE_FIELDS = ("n_layers", "d_model", "d_mlp", "n_heads", "batch_size", "checkpoint_every_steps")
 
@@ -139,6 +140,9 @@ class StepInfo:
     n_steps: int
     loss: float
     lr: float
+
+
+OnStep = Callable[[StepInfo], None]
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -241,9 +245,6 @@ def _versions() -> dict[str, str]:
     return {"python": platform.python_version()} | {m.__name__: m.__version__ for m in modules}
 
 
-OnStep = Callable[[StepInfo], None]
-
-
 def train_seed(
     config: TrainConfig, seed: int, data: corpus.PackedCorpus, command: str, on_step: OnStep | None = None
 ) -> Path:
@@ -259,6 +260,7 @@ def train_seed(
     folder.mkdir(parents=True, exist_ok=True)
     model = build_model(config, seed)
     optimizer = _optimizer(model, config)
+    started = time.perf_counter()
     state: dict[str, Any] = {"step": 0, "losses": [], "wall_seconds": 0.0, "train_seconds": 0.0}
     if checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, map_location=config.device, weights_only=True)
@@ -270,7 +272,6 @@ def train_seed(
         logger.info("seed %d: resuming at step %d from %s", seed, state["step"], checkpoint_path)
     else:
         state["initial_validation_loss"] = evaluate(model, _eval_rows(data, config), config)
-    started = time.perf_counter()
     n_steps, tokens_per_step = config.n_steps, config.tokens_per_step
     model.train()
     total, done = n_steps * tokens_per_step, state["step"] * tokens_per_step
