@@ -358,6 +358,10 @@ entropy_interventions = Table(
     Column("loss", Float, nullable=False),
     Column("reciprocal_rank", Float, nullable=False, comment="mean 1/(rank+1) of the true next token"),
     Column("n_tokens", Integer, nullable=False),
+    Column("nominal_ln_scale", Float, comment="the same means without intervention (same for every row of a model)"),
+    Column("nominal_entropy", Float),
+    Column("nominal_loss", Float),
+    Column("nominal_reciprocal_rank", Float),
 )
 
 attention_scores = Table(

@@ -64,6 +64,15 @@ def upgrade() -> None:
         sa.Column("loss", sa.Float(), nullable=False),
         sa.Column("reciprocal_rank", sa.Float(), nullable=False, comment="mean 1/(rank+1) of the true next token"),
         sa.Column("n_tokens", sa.Integer(), nullable=False),
+        sa.Column(
+            "nominal_ln_scale",
+            sa.Float(),
+            nullable=True,
+            comment="the same means without intervention (same for every row of a model)",
+        ),
+        sa.Column("nominal_entropy", sa.Float(), nullable=True),
+        sa.Column("nominal_loss", sa.Float(), nullable=True),
+        sa.Column("nominal_reciprocal_rank", sa.Float(), nullable=True),
         sa.ForeignKeyConstraint(["model_id"], ["models.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("model_id", "layer", "neuron", "value"),
     )
