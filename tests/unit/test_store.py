@@ -1,0 +1,69 @@
+"""The store: Alembic migrations build exactly the declared schema; runs are complete only when marked so."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from precompute.store import AtlasStore, make_engine, metadata, models, neurons, upgrade
+
+
+def test_migrations_create_exactly_the_declared_tables(tmp_path):
+    db = tmp_path / "schema.db"
+    upgrade(db)
+    engine = make_engine(db)
+    with engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), metadata)
+    engine.dispose()
+    assert differences == []
+
+
+def test_a_run_is_complete_only_once_marked_and_nan_becomes_null(tmp_path):
+    db = tmp_path / "atlas.db"
+    with AtlasStore(db) as store:
+        run_id = store.create_run({"models": ["a", "b"]}, {"python": "3"}, {"source": "stdlib"})
+        model_id = store.add_model(
+            run_id,
+            name="a",
+            source="/a",
+            position=0,
+            is_reference=True,
+            n_layers=1,
+            d_model=4,
+            d_mlp=2,
+            d_vocab=10,
+            n_ctx=8,
+            n_heads=1,
+            act_fn="gelu_new",
+            processing={},
+            tokenizer_hash="x",
+        )
+        assert (
+            store.add_model(
+                run_id,
+                **{c.name: 0 for c in models.columns if c.name not in ("id", "run_id")}
+                | {"name": "a", "processing": {}},
+            )
+            == model_id
+        )  # idempotent on resume
+        written = store.insert_rows(
+            neurons,
+            [
+                {"model_id": model_id, "layer": 0, "neuron": i, "dead": False, "excess_corr": v}
+                for i, v in enumerate([0.7, math.nan])
+            ],
+            chunk=1,
+        )
+        assert written == 2
+        assert store.get_run(run_id)["status"] == "running"
+        digest = store.finish_run(run_id)
+        assert store.get_run(run_id)["status"] == "complete"
+        assert store.get_run(run_id)["content_hash"] == digest
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT neuron, excess_corr FROM neurons ORDER BY neuron").fetchall() == [
+            (0, 0.7),
+            (1, None),
+        ]
