@@ -7,6 +7,7 @@ that could look like a finished result is written.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
@@ -16,7 +17,8 @@ from pathlib import Path
 from precompute.correlation import BASELINES, PRECISIONS, CorrelationConfig, CorrelationError
 from precompute.data import DataError, DatasetConfig
 from precompute.models import ModelLoadError
-from precompute.pipeline import DEFAULT_STAGES, STAGE_FACTORIES, ConfigError, PrecomputeConfig
+from precompute.pipeline import DEFAULT_STAGES, STAGE_FACTORIES, PrecomputeConfig
+from precompute.stage_config import ConfigError
 
 logger = logging.getLogger("universal_neurons")
 
@@ -113,6 +115,15 @@ def _add_precompute(commands: argparse._SubParsersAction) -> None:
         help=f"comma-separated stages to run (all by default): {', '.join(STAGE_FACTORIES)}",
     )
     run.add_argument("--checkpoint-seconds", type=float, default=300.0, help="seconds between checkpoints")
+    run.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="a stage setting, e.g. roles.intervention_rows=24 or stats.pre_range=[-10,15] (JSON values; "
+        "repeatable; see docs/analyses.md and docs/roles.md)",
+    )
 
 
 def _add_db(commands: argparse._SubParsersAction) -> None:
@@ -138,6 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(commands)
     _add_serve(commands)
     return parser
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, dict[str, object]]:
+    """``["roles.intervention_rows=24"]`` -> ``{"roles": {"intervention_rows": 24}}``; values are JSON or text.
+
+    >>> parse_settings(["stats.bins=100", "examples.models=reference", "stats.pre_range=[-5, 5]"])
+    {'stats': {'bins': 100, 'pre_range': [-5, 5]}, 'examples': {'models': 'reference'}}
+    """
+    settings: dict[str, dict[str, object]] = {}
+    for item in items:
+        key, equals, text = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not (equals and dot and stage and name):
+            raise ConfigError(f"--set takes STAGE.KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        settings.setdefault(stage, {})[name] = value
+    return settings
 
 
 def precompute_config(args: argparse.Namespace) -> PrecomputeConfig:
@@ -169,6 +200,7 @@ def precompute_config(args: argparse.Namespace) -> PrecomputeConfig:
         dtype=args.dtype,
         stages=args.stages or DEFAULT_STAGES,
         checkpoint_seconds=args.checkpoint_seconds,
+        analysis=parse_settings(args.settings),
     )
 
 
@@ -205,6 +237,7 @@ def _precompute(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
+
     from app.main import create_app
     from app.settings import Settings
 

@@ -29,16 +29,13 @@ from precompute.activations import ActivationBatch, HookKind, stream_batches
 from precompute.correlation import CorrelationConfig
 from precompute.data import DatasetConfig, TokenDataset, build_dataset
 from precompute.models import LoadedModel, decoded_vocab, load_family
+from precompute.stage_config import ConfigError, stage_config
 from precompute.store import AtlasStore, config_hash
 
 logger = logging.getLogger(__name__)
 
 #: The stages a run does unless told otherwise, in order.
-DEFAULT_STAGES: tuple[str, ...] = ("correlations",)
-
-
-class ConfigError(ValueError):
-    """A precompute configuration that is refused before any work (unknown stage, bad device, ...)."""
+DEFAULT_STAGES: tuple[str, ...] = ("correlations", "stats", "examples", "families", "roles")
 
 
 @dataclass(frozen=True)
@@ -68,6 +65,7 @@ class PrecomputeConfig:
             raise ConfigError(f"device {self.device!r} asked for, but torch sees no CUDA device")
         if not -1.0 <= self.threshold <= 2.0:
             raise ConfigError(f"threshold {self.threshold} is outside the range of an excess correlation")
+        check_analysis_settings(self.stages, self.analysis)
 
     def record(self) -> dict[str, Any]:
         """The configuration that identifies a run (a re-run with the same record resumes it)."""
@@ -117,13 +115,33 @@ class Stage(Protocol):
 #: Stage name -> "module:Class"; a stage class is built with the `RunContext`. Imported only when run.
 STAGE_FACTORIES: dict[str, str] = {
     "correlations": "precompute.universality:CorrelationStage",
+    "stats": "precompute.stats:StatsStage",
+    "examples": "precompute.examples:ExamplesStage",
+    "families": "precompute.families:FamiliesStage",
+    "roles": "precompute.roles:RolesStage",
 }
 
 
-def build_stage(name: str, context: RunContext) -> Stage:
+def stage_class(name: str) -> Any:
     module_name, class_name = STAGE_FACTORIES[name].split(":")
-    stage_class = getattr(importlib.import_module(module_name), class_name)
-    return stage_class(context)
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_stage(name: str, context: RunContext) -> Stage:
+    return stage_class(name)(context)
+
+
+def check_analysis_settings(stages: tuple[str, ...], analysis: dict[str, Any]) -> None:
+    """Refuse unknown or mistyped stage settings before any work (each stage's ``config_class``)."""
+    unknown = sorted(set(analysis) - set(STAGE_FACTORIES))
+    if unknown:
+        raise ConfigError(f"settings for unknown stage {unknown[0]!r}; stages are {', '.join(STAGE_FACTORIES)}")
+    for name in stages:
+        config_class = getattr(stage_class(name), "config_class", None)
+        if config_class is not None:
+            stage_config(config_class, analysis.get(name), name)
+        elif analysis.get(name):
+            raise ConfigError(f"stage {name!r} takes no settings")
 
 
 def environment_record(device: str) -> dict[str, Any]:
@@ -291,9 +309,7 @@ def _run_stages(context: RunContext) -> None:
     for stage in stages:
         stage_started = time.perf_counter()
         stage.write(context)
-        seconds[stage.name] += time.perf_counter() - stage_started
+        written = time.perf_counter() - stage_started
         context.store.mark_stage_done(context.run_id, stage.name, seconds[stage.name])
-    run = context.store.get_run(context.run_id)
-    timings = dict(run["timings"] or {})
-    timings["forward"] = round(seconds["forward"], 3)
-    context.store.update_run(context.run_id, timings=timings)
+        context.store.record_timing(context.run_id, f"{stage.name}_write", written)
+    context.store.record_timing(context.run_id, "forward", seconds["forward"])

@@ -18,6 +18,7 @@ The stage needs no streamed activations: it runs its own few forward passes on t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import warnings
 from collections.abc import Iterator, Mapping
@@ -29,7 +30,7 @@ import scipy.stats
 import torch
 from tqdm.auto import tqdm
 
-from precompute.pipeline import ConfigError
+from precompute.stage_config import ConfigError, stage_config
 from precompute.weights import (
     bos_attention_scores,
     bos_query_directions,
@@ -70,7 +71,7 @@ class RolesConfig:
             the neuron gets an attention role.
         n_path_ablation_pairs: strongest (neuron, head) pairs by |h| that get the path ablation.
         ablation_rows: dataset rows of the path ablation.
-        ablation_after_pos: first ablated query position (paper: 64 of 256).
+        ablation_after_pos: first ablated query position; None: a quarter of the row (the paper's 64 of 256).
         seed: seed of the random baseline neurons.
     """
 
@@ -89,7 +90,7 @@ class RolesConfig:
     attention_sigma: float = 4.0
     n_path_ablation_pairs: int = 3
     ablation_rows: int = 4
-    ablation_after_pos: int = 64
+    ablation_after_pos: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -113,20 +114,13 @@ class RolesConfig:
         """Build from the run configuration; unknown keys are errors that list the valid ones.
 
         >>> RolesConfig.from_mapping({"intervention_values": [0, 1]}).intervention_values
-        (0, 1)
+        (0.0, 1.0)
         >>> RolesConfig.from_mapping({"rows": 3})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        precompute.pipeline.ConfigError: unknown roles setting 'rows'; settings are ablation_after_pos, ...
+        precompute.stage_config.ConfigError: unknown roles setting 'rows'; settings are models, ...
         """
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(mapping) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown roles setting {unknown[0]!r}; settings are {', '.join(sorted(names))}")
-        values = dict(mapping)
-        if isinstance(values.get("intervention_values"), list | tuple):
-            values["intervention_values"] = tuple(values["intervention_values"])
-        return cls(**values)
+        return stage_config(cls, mapping, "roles")
 
 
 # --- roles from weights ---------------------------------------------------------------------------------
@@ -379,13 +373,17 @@ def correlations(points: np.ndarray) -> dict[str, float | None]:
 class RolesStage:
     """The ``roles`` stage: weight-based roles plus the entropy and attention checks, for each model."""
 
+    config_class = RolesConfig
+
     name = "roles"
     hooks: frozenset = frozenset()
 
     def __init__(self, context: Any) -> None:
         self.config = RolesConfig.from_mapping(context.config.analysis.get("roles", {}))
         ctx = context.dataset.ctx
-        if self.config.n_path_ablation_pairs and self.config.ablation_after_pos >= ctx:
+        if self.config.ablation_after_pos is None:
+            self.config = dataclasses.replace(self.config, ablation_after_pos=ctx // 4)
+        elif self.config.n_path_ablation_pairs and self.config.ablation_after_pos >= ctx:
             raise ConfigError(f"roles.ablation_after_pos must be below the row length {ctx}")
 
     @property
@@ -515,7 +513,13 @@ def _ablation_rows(model: Any, rows: torch.Tensor, config: RolesConfig, scores: 
         if magnitude[layer, neuron, attn_layer, head] < 0:
             break  # a one-layer model: no head after any neuron
         points = path_ablation(
-            model, rows[: config.ablation_rows], layer, neuron, attn_layer, head, config.ablation_after_pos
+            model,
+            rows[: config.ablation_rows],
+            layer,
+            neuron,
+            attn_layer,
+            head,
+            config.ablation_after_pos if config.ablation_after_pos is not None else rows.shape[1] // 4,
         )
         key = {"layer": layer, "neuron": neuron, "attention_layer": attn_layer, "head": head}
         yield (

@@ -526,11 +526,15 @@ class AtlasStore:
         return dict(row)
 
     def mark_stage_done(self, run_id: int, stage: str, seconds: float) -> None:
-        run = self.get_run(run_id)
-        stages = [s for s in (run["stages"] or []) if s != stage] + [stage]
-        timings = dict(run["timings"] or {})
-        timings[stage] = round(seconds, 3)
-        self.update_run(run_id, stages=stages, timings=timings)
+        """Record that a stage finished (its tables are written) and its streaming seconds."""
+        stages = [s for s in (self.get_run(run_id)["stages"] or []) if s != stage] + [stage]
+        self.update_run(run_id, stages=stages)
+        self.record_timing(run_id, stage, seconds)
+
+    def record_timing(self, run_id: int, name: str, seconds: float) -> None:
+        timings = dict(self.get_run(run_id)["timings"] or {})
+        timings[name] = round(seconds, 3)
+        self.update_run(run_id, timings=timings)
 
     def finish_run(self, run_id: int) -> str:
         """Mark a run complete, recording a content hash of its results (used as the ETag)."""

@@ -103,8 +103,9 @@ def test_counted_tokens_skip_bos_eos_and_newlines(tiny_family, tmp_path):
         (lambda f, t: [str(t / "missing" / "folder"), str(f["base"])], "no model folder"),
         (lambda f, t: [str(f["base"]), str(f["mismatched"])], "share a tokenizer"),
         (lambda f, t: ["--tokens", "0", str(f["base"]), str(f["other"])], "--tokens must be a positive"),
+        (lambda f, t: ["--set", "roles.rows=3", str(f["base"]), str(f["other"])], "unknown roles setting 'rows'"),
     ],
-    ids=["unknown-name", "missing-folder", "mismatched-tokenizers", "zero-tokens"],
+    ids=["unknown-name", "missing-folder", "mismatched-tokenizers", "zero-tokens", "unknown-setting"],
 )
 def test_bad_input_gives_one_clear_line_and_no_complete_db(tiny_family, tmp_path, make_args, message):
     from tests.factories import tiny_gpt2

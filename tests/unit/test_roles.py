@@ -91,11 +91,11 @@ def rows() -> torch.Tensor:
 
 
 def test_config_refuses_unknown_keys_and_bad_values():
-    with pytest.raises(ConfigError, match="unknown roles setting 'rows'; settings are ablation_after_pos"):
+    with pytest.raises(ConfigError, match="unknown roles setting 'rows'; settings are models, "):
         RolesConfig.from_mapping({"rows": 3})
     with pytest.raises(ConfigError, match="one of all, reference"):
         RolesConfig(models="some")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="must be an integer"):
+    with pytest.raises(ConfigError, match="intervention_rows must be int"):
         RolesConfig.from_mapping({"intervention_rows": 2.5})
     with pytest.raises(ConfigError, match="at least 1"):
         RolesConfig(batch_rows=0)

@@ -1,0 +1,337 @@
+"""The ``examples`` stage: each neuron's top activating contexts, quantile-bin samples and random samples.
+
+One pass over the counted tokens, in the forward passes every stage shares; nothing is re-run. For every model
+(or only the reference, ``models: reference``) and neuron, on ``mlp.hook_post``:
+
+- ``top``: the ``top`` highest activations, at most one per dataset row (the row's own maximum), so the list is
+  not twenty near-duplicates of one passage; the first is the neuron's maximum over the dataset;
+- ``quantile``: ``per_bin`` uniform samples from each bin between the activation quantiles ``quantiles``
+  (default 0-50-90-99-99.9-100%). The bin edges are the quantiles of the first batch (a pilot: the edges are
+  fixed before the rest streams by); each row records the bin's edges and the exact share of counted tokens
+  that fell in it over the whole dataset;
+- ``random``: ``random`` counted tokens drawn uniformly at the start (a different draw per neuron).
+
+Each example is a snippet of its dataset row: the example's token with up to ``before`` tokens before it and
+``after`` after (clipped at the row's edges), stored as int32 token ids and float16 activations of every snippet
+token; ``start`` is the snippet's first position in the row and ``peak`` the example's index in the snippet.
+Because attention is causal, re-running the row's prefix up to the peak reproduces the activation.
+
+Sampling a bin uniformly without knowing in advance which tokens fall in it: every token gets a uniform random
+key (seeded per batch by its row, so a resumed run draws the same keys), and a bin keeps the ``per_bin`` tokens
+with the smallest keys. Only tokens whose key is below a per-bin rate (``oversample`` × the expected need) are
+looked at, which makes the common bins nearly free.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from precompute.stage_config import ConfigError, stage_config
+from precompute.stats import counted_activations, neuron_key
+from precompute.store import blob
+
+if TYPE_CHECKING:
+    from precompute.activations import ActivationBatch
+    from precompute.pipeline import RunContext
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExamplesConfig:
+    """Settings of the ``examples`` stage (``analysis["examples"]``).
+
+    Args:
+        top: top activating examples per neuron (distinct rows).
+        before: tokens of context kept before the example's token.
+        after: tokens kept after it.
+        quantiles: activation quantiles (strictly between 0 and 1, increasing) that cut the sampling bins.
+        per_bin: examples sampled per quantile bin.
+        random: uniformly random examples per neuron.
+        oversample: how many times the expected need of a bin is looked at (higher: safer, slower).
+        seed: seed of the random keys and the random examples.
+        models: ``all`` models of the family or only the ``reference``.
+    """
+
+    top: int = 20
+    before: int = 24
+    after: int = 8
+    quantiles: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999)
+    per_bin: int = 4
+    random: int = 5
+    oversample: float = 20.0
+    seed: int = 0
+    models: Literal["all", "reference"] = "all"
+
+    def __post_init__(self) -> None:
+        for key in ("top", "before", "after", "per_bin", "random"):
+            if getattr(self, key) < 0 or (key == "top" and self.top < 1):
+                raise ConfigError(f"examples.{key} must be {'at least 1' if key == 'top' else '>= 0'}")
+        q = self.quantiles
+        if not all(0 < a < 1 for a in q) or any(b <= a for a, b in itertools.pairwise(q)):
+            raise ConfigError(f"examples.quantiles must increase strictly within (0, 1), got {list(q)}")
+        if self.oversample < 1:
+            raise ConfigError(f"examples.oversample must be at least 1, got {self.oversample}")
+
+
+def gather_windows(
+    acts: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, neurons: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Activations around chosen tokens: [chosen, window] from ``acts`` [batch, pos, n] (contiguous).
+
+    ``rows``, ``positions`` and ``neurons`` [chosen] pick a token of a neuron; window positions outside the row
+    are clamped (the writer cuts them off).
+
+    >>> a = torch.arange(12.0).reshape(1, 6, 2)  # a[0, p, n] = 2p + n
+    >>> gather_windows(a, torch.tensor([0, 0]), torch.tensor([0, 3]), torch.tensor([0, 1]), torch.arange(-1, 2))
+    tensor([[0., 0., 2.],
+            [5., 7., 9.]])
+    """
+    _, n_pos, n = acts.shape
+    pos = (positions.unsqueeze(1) + offsets).clamp_(0, n_pos - 1)  # [chosen, window]
+    return acts.reshape(-1)[(rows.unsqueeze(1) * n_pos + pos) * n + neurons.unsqueeze(1)]
+
+
+def merge_candidates(
+    state: dict[str, Any],
+    prefix: str,
+    score: str,
+    new: dict[str, torch.Tensor],
+    largest: bool,
+    acts: torch.Tensor,
+    offsets: torch.Tensor,
+) -> None:
+    """Keep, per neuron, the best ``k`` (by ``score``) of the kept examples and the batch's candidates.
+
+    ``new`` holds [candidates, n] tensors named like the kept ones (``prefix`` + name) plus ``batch_row``; the
+    activation windows are gathered only for the candidates that get in.
+    """
+    k = state[f"{prefix}{score}"].shape[0]
+    index = torch.topk(torch.cat([state[f"{prefix}{score}"], new[score]]), k, dim=0, largest=largest).indices
+    from_new = index >= k  # [k, n]
+    if not bool(from_new.any()):
+        return
+    for name, value in new.items():
+        if name != "batch_row":
+            both = torch.cat([state[f"{prefix}{name}"], value.to(state[f"{prefix}{name}"].dtype)])
+            state[f"{prefix}{name}"] = both.gather(0, index)
+    old = state[f"{prefix}window"]
+    windows = old.gather(0, index.clamp(max=k - 1).unsqueeze(1).expand_as(old))
+    slot, neuron = from_new.nonzero(as_tuple=True)
+    source = index[slot, neuron] - k
+    chosen = gather_windows(
+        acts, new["batch_row"][source, neuron], state[f"{prefix}pos"][slot, neuron], neuron, offsets
+    )
+    windows[slot, :, neuron] = chosen.to(windows.dtype)
+    state[f"{prefix}window"] = windows
+
+
+class ExamplesStage:
+    """The ``examples`` stage (single pass over ``hook_post``)."""
+
+    config_class = ExamplesConfig
+
+    name = "examples"
+    hooks: frozenset = frozenset({"hook_post"})
+
+    def __init__(self, context: RunContext) -> None:
+        self.config = cfg = stage_config(ExamplesConfig, context.config.analysis.get("examples"), "examples")
+        self.device = torch.device(context.config.device)
+        models = context.models if cfg.models == "all" else context.models[:1]
+        self.shapes = {m.name: m.n_neurons for m in models}
+        self.offsets = torch.arange(-cfg.before, cfg.after + 1, device=self.device)
+        dataset = context.dataset
+        levels = np.array([0.0, *cfg.quantiles, 1.0])
+        # a bin of share f holds f * n_counted tokens: look at enough of them for oversample * per_bin samples
+        needed = cfg.oversample * max(cfg.per_bin, 1) / (np.diff(levels) * max(dataset.tokens_counted, 1))
+        self.rates = torch.tensor(np.minimum(1.0, needed), dtype=torch.float32, device=self.device)
+        flat_counted = np.flatnonzero(dataset.counted.reshape(-1))
+        self.state = {name: self._empty(n, flat_counted, dataset.ctx) for name, n in self.shapes.items()}
+        self._done = False
+
+    def _empty(self, n: int, flat_counted: np.ndarray, ctx: int) -> dict[str, Any]:
+        cfg, device, width = self.config, self.device, len(self.offsets)
+        n_bins = len(cfg.quantiles) + 1
+        draw = np.random.default_rng(cfg.seed).integers(0, max(len(flat_counted), 1), size=(cfg.random, n))
+        chosen = torch.from_numpy(flat_counted[draw] if len(flat_counted) else np.zeros((cfg.random, n), np.int64))
+        state: dict[str, Any] = {
+            "top_value": torch.full((cfg.top, n), -torch.inf, device=device),
+            "edges": None,  # [n, n_quantiles] from the first batch
+            "bin_seen": torch.zeros(n_bins, n, dtype=torch.float64, device=device),  # looked-at tokens in the bin
+            "bin_looked": torch.zeros(n_bins, dtype=torch.float64, device=device),  # tokens looked at for the bin
+            "random_row": (chosen // ctx).to(device),  # [random, n]
+            "random_pos": (chosen % ctx).to(device),
+            "random_value": torch.full((cfg.random, n), torch.nan, device=device),
+            "random_window": torch.zeros(cfg.random, width, n, dtype=torch.float16, device=device),
+        }
+        for prefix, k in [("top_", cfg.top)] + [(f"bin{b}_", cfg.per_bin) for b in range(n_bins)]:
+            if prefix != "top_":
+                state[f"{prefix}key"] = torch.full((k, n), torch.inf, device=device)
+                state[f"{prefix}value"] = torch.zeros(k, n, device=device)
+            state[f"{prefix}row"] = torch.full((k, n), -1, dtype=torch.int64, device=device)
+            state[f"{prefix}pos"] = torch.zeros(k, n, dtype=torch.int64, device=device)
+            state[f"{prefix}window"] = torch.zeros(k, width, n, dtype=torch.float16, device=device)
+        return state
+
+    @property
+    def done_streaming(self) -> bool:
+        return self._done
+
+    def update(self, batch: ActivationBatch) -> None:
+        counted = batch.counted
+        batch_rows, batch_pos = counted.nonzero(as_tuple=True)  # [tokens]
+        if batch_rows.numel() == 0:
+            return
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + batch.row_start)
+        keys = torch.rand(batch_rows.numel(), generator=generator).to(self.device)  # one key per counted token
+        order = torch.argsort(keys)
+        for name, state in self.state.items():
+            acts = batch.hook_post[name].reshape(*counted.shape, self.shapes[name])  # [batch, pos, n_neurons]
+            self._update_top(state, acts, counted, batch.row_start)
+            x = counted_activations(batch, name, "hook_post").x  # [tokens, n_neurons]
+            self._update_bins(state, acts, x, keys, order, batch_rows, batch_pos, batch.row_start)
+            self._update_random(state, acts, batch.row_start)
+
+    def _update_top(self, state: dict, acts: torch.Tensor, counted: torch.Tensor, row_start: int) -> None:
+        n_rows, n = acts.shape[0], acts.shape[2]
+        row_max, row_arg = torch.where(counted.unsqueeze(-1), acts, -torch.inf).max(dim=1)  # [batch, n]
+        rows = torch.arange(n_rows, device=acts.device).unsqueeze(1).expand(n_rows, n)
+        new = {"value": row_max, "row": rows + row_start, "pos": row_arg, "batch_row": rows}
+        merge_candidates(state, "top_", "value", new, True, acts, self.offsets)
+
+    def _update_bins(
+        self,
+        state: dict,
+        acts: torch.Tensor,
+        x: torch.Tensor,
+        keys: torch.Tensor,
+        order: torch.Tensor,
+        batch_rows: torch.Tensor,
+        batch_pos: torch.Tensor,
+        row_start: int,
+    ) -> None:
+        if state["edges"] is None:  # the pilot: quantiles of the first batch
+            ranks = torch.tensor(self.config.quantiles, device=x.device) * (x.shape[0] - 1)
+            ordered = x.T.contiguous().sort(dim=1).values  # sorting rows is faster than sorting columns
+            state["edges"] = ordered[:, ranks.round().long()].contiguous()  # [n, n_quantiles]
+        edges, sorted_keys = state["edges"], keys[order]
+        looked = torch.searchsorted(sorted_keys, self.rates).tolist()  # tokens looked at, per bin
+        if max(looked) == 0 or self.config.per_bin == 0:
+            return
+        head = order[: max(looked)]
+        values = x[head]  # [looked, n]: a uniformly random subset of the batch's tokens, in key order
+        for b, count in enumerate(looked):
+            if count == 0:
+                continue
+            part = values[:count]
+            inside = part >= edges[:, b - 1] if b > 0 else torch.ones_like(part, dtype=torch.bool)
+            if b < edges.shape[1]:
+                inside &= part < edges[:, b]
+            state["bin_seen"][b] += inside.sum(0)
+            state["bin_looked"][b] += count
+            score = torch.where(inside, sorted_keys[:count].unsqueeze(1), torch.inf)
+            best_keys, best = torch.topk(score, min(self.config.per_bin, count), dim=0, largest=False)  # [k, n]
+            token = head[best]  # index among the batch's counted tokens
+            new = {
+                "key": best_keys,
+                "value": x.gather(0, token),
+                "row": torch.where(best_keys.isfinite(), batch_rows[token] + row_start, -1),
+                "pos": batch_pos[token],
+                "batch_row": batch_rows[token],
+            }
+            merge_candidates(state, f"bin{b}_", "key", new, False, acts, self.offsets)
+
+    def _update_random(self, state: dict, acts: torch.Tensor, row_start: int) -> None:
+        inside = (state["random_row"] >= row_start) & (state["random_row"] < row_start + acts.shape[0])
+        which, neuron = inside.nonzero(as_tuple=True)
+        if which.numel() == 0:
+            return
+        rows = state["random_row"][which, neuron] - row_start
+        pos = state["random_pos"][which, neuron]
+        state["random_value"][which, neuron] = acts[rows, pos, neuron]
+        windows = gather_windows(acts, rows, pos, neuron, self.offsets)  # [chosen, window]
+        state["random_window"][which, :, neuron] = windows.to(torch.float16)
+
+    def finish_pass(self) -> None:
+        self._done = True
+
+    def state_dict(self) -> dict:
+        return {"models": self.state, "done": self._done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = {
+            name: {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
+            for name, saved in state["models"].items()
+        }
+        self._done = state["done"]
+
+    # --- results ------------------------------------------------------------------------------------------
+
+    def write(self, context: RunContext) -> None:
+        from precompute import store as tables
+
+        context.store.clear_model_tables(context.model_ids.values(), tables.STAGE_TABLES[self.name])
+        for model in context.models:
+            if model.name in self.state:
+                rows = self.example_rows(model.name, context.model_ids[model.name], model.d_mlp, context.dataset.rows)
+                written = context.store.insert_rows(tables.examples, rows)
+                logger.info("examples: %d rows for %s", written, model.name)
+
+    def example_rows(self, name: str, model_id: int, d_mlp: int, dataset_rows: np.ndarray) -> Iterator[dict]:
+        """Every stored example of one model, as ``examples`` rows."""
+        state = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in self.state[name].items()}
+        n_bins = len(self.config.quantiles) + 1
+        edges = state["edges"]
+        for flat in range(self.shapes[name]):
+            key = neuron_key(model_id, d_mlp, flat)
+            for rank in range(self.config.top):
+                if state["top_row"][rank, flat] < 0 or not np.isfinite(state["top_value"][rank, flat]):
+                    break
+                yield key | self._snippet(dataset_rows, state, "top_", rank, flat, kind="top")
+            for b in range(n_bins if edges is not None else 0):
+                low = None if b == 0 else float(edges[flat, b - 1])
+                high = float(state["top_value"][0, flat]) if b == n_bins - 1 else float(edges[flat, b])
+                fraction = float(state["bin_seen"][b, flat] / max(state["bin_looked"][b], 1))
+                for rank in range(self.config.per_bin):
+                    if state[f"bin{b}_row"][rank, flat] < 0:
+                        break
+                    extra = {"bin": b, "bin_low": low, "bin_high": high, "bin_fraction": fraction}
+                    yield key | self._snippet(dataset_rows, state, f"bin{b}_", rank, flat, kind="quantile", **extra)
+            for rank in range(self.config.random):
+                if np.isfinite(state["random_value"][rank, flat]):
+                    yield key | self._snippet(dataset_rows, state, "random_", rank, flat, kind="random")
+
+    def _snippet(
+        self, dataset_rows: np.ndarray, state: dict, prefix: str, rank: int, flat: int, kind: str, **extra: Any
+    ) -> dict[str, Any]:
+        """One example's row (without the neuron key); ``extra`` fills the bin columns of quantile samples."""
+        row, pos = int(state[f"{prefix}row"][rank, flat]), int(state[f"{prefix}pos"][rank, flat])
+        ctx = dataset_rows.shape[1]
+        start, end = max(0, pos - self.config.before), min(ctx, pos + self.config.after + 1)
+        window = state[f"{prefix}window"][rank, :, flat]
+        first = start - (pos - self.config.before)  # index in the window of the snippet's first token
+        return {
+            "kind": kind,
+            "rank": rank,
+            "bin": 0,
+            "bin_low": None,
+            "bin_high": None,
+            "bin_fraction": None,
+            **extra,
+            "dataset_row": row,
+            "start": start,
+            "peak": pos - start,
+            "activation": float(state[f"{prefix}value"][rank, flat]),
+            "token_ids": blob(np.ascontiguousarray(dataset_rows[row, start:end], dtype="<i4")),
+            "activations": blob(np.ascontiguousarray(window[first : first + end - start], dtype="<f2")),
+        }
+
+
+__all__ = ["ExamplesConfig", "ExamplesStage", "gather_windows", "merge_candidates"]
