@@ -30,8 +30,14 @@ def test_killed_run_resumes_to_the_same_result(tiny_family, tmp_path):
 
     db = tmp_path / "atlas.db"
     checkpoint = tmp_path / "atlas.db.checkpoints" / "run-1.pt"
-    command = [str(Path(sys.executable).with_name("universal-neurons")), *args, "--db", str(db),
-               "--checkpoint-seconds", "0"]
+    command = [
+        str(Path(sys.executable).with_name("universal-neurons")),
+        *args,
+        "--db",
+        str(db),
+        "--checkpoint-seconds",
+        "0",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:

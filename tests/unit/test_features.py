@@ -36,8 +36,8 @@ def test_variance_reduction_is_between_zero_and_one(v, y):
 @settings(max_examples=30, deadline=None)
 @given(st.floats(-100, 100), st.floats(-100, 100), arrays(bool, 30))
 def test_variance_reduction_is_one_when_v_is_a_function_of_y(low, high, y):
-    if low == high or y.all() or not y.any():
-        return
+    if abs(high - low) < 1e-6 or y.all() or not y.any():
+        return  # a constant v (or a variance that underflows) has no variance to reduce
     v = np.where(y, high, low)
     assert variance_reduction(v, y) == pytest.approx(1.0)
 

@@ -1,0 +1,144 @@
+"""Models of a run and their write-time aggregates (layer summaries, distributions, top neurons)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Analysis tables (revision 0002) whose presence turns panels on; filled by stages that may not have run.
+ANALYSIS_TABLES = (
+    "activation_stats",
+    "histograms",
+    "position_profiles",
+    "weight_stats",
+    "percentiles",
+    "token_tables",
+    "examples",
+    "families",
+    "feature_scores",
+    "roles",
+    "entropy_interventions",
+    "attention_scores",
+    "path_ablations",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    id: int
+    run_id: int
+    name: str
+    source: str
+    position: int
+    is_reference: bool
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    n_heads: int
+    act_fn: str
+    tokenizer_hash: str
+    processing: dict[str, Any] = field(repr=False)
+
+    @property
+    def n_neurons(self) -> int:
+        return self.n_layers * self.d_mlp
+
+
+def _model(row: sqlite3.Row) -> Model:
+    return Model(
+        id=row["id"],
+        run_id=row["run_id"],
+        name=row["name"],
+        source=row["source"],
+        position=row["position"],
+        is_reference=bool(row["is_reference"]),
+        n_layers=row["n_layers"],
+        d_model=row["d_model"],
+        d_mlp=row["d_mlp"],
+        d_vocab=row["d_vocab"],
+        n_ctx=row["n_ctx"],
+        n_heads=row["n_heads"],
+        act_fn=row["act_fn"],
+        tokenizer_hash=row["tokenizer_hash"],
+        processing=json.loads(row["processing"] or "{}"),
+    )
+
+
+_COLUMNS = (
+    "id, run_id, name, source, position, is_reference, n_layers, d_model, d_mlp, d_vocab, n_ctx, n_heads, "
+    "act_fn, tokenizer_hash, processing"
+)
+
+
+def models_of_run(conn: sqlite3.Connection, run_id: int) -> list[Model]:
+    """The family of a run in command-line order (the reference model first)."""
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM models WHERE run_id = ? ORDER BY position", (run_id,))
+    return [_model(row) for row in rows]
+
+
+def analysis_tables(conn: sqlite3.Connection, model_id: int) -> frozenset[str]:
+    """The analysis tables that hold at least one row for this model (each an indexed probe)."""
+    present = []
+    for table in ANALYSIS_TABLES:
+        if conn.execute(f"SELECT 1 FROM {table} WHERE model_id = ? LIMIT 1", (model_id,)).fetchone():
+            present.append(table)
+    return frozenset(present)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSummary:
+    layer: int
+    n_neurons: int
+    n_dead: int
+    n_universal: int | None
+    mean_excess: float | None
+    max_excess: float | None
+
+
+def layer_summaries(conn: sqlite3.Connection, model_id: int) -> list[LayerSummary]:
+    rows = conn.execute(
+        "SELECT layer, n_neurons, n_dead, n_universal, mean_excess, max_excess FROM layer_summaries "
+        "WHERE model_id = ? ORDER BY layer",
+        (model_id,),
+    )
+    return [LayerSummary(*row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Distribution:
+    quantity: str
+    bin_edges: list[float]
+    counts: list[int]
+    quantiles: dict[str, float]
+
+
+def distributions(conn: sqlite3.Connection, model_id: int) -> dict[str, Distribution]:
+    rows = conn.execute(
+        "SELECT quantity, bin_edges, counts, quantiles FROM distributions WHERE model_id = ?", (model_id,)
+    )
+    return {
+        row["quantity"]: Distribution(
+            row["quantity"], json.loads(row["bin_edges"]), json.loads(row["counts"]), json.loads(row["quantiles"])
+        )
+        for row in rows
+    }
+
+
+def top_neurons(conn: sqlite3.Connection, model_id: int, limit: int) -> list[sqlite3.Row]:
+    """The neurons with the highest excess correlation (the index on (model_id, excess_corr) serves this)."""
+    return conn.execute(
+        "SELECT layer, neuron, excess_corr, mean_corr, mean_baseline, universal FROM neurons "
+        "WHERE model_id = ? AND excess_corr IS NOT NULL ORDER BY excess_corr DESC LIMIT ?",
+        (model_id, limit),
+    ).fetchall()
+
+
+def count_universal(conn: sqlite3.Connection, model_id: int) -> int | None:
+    row = conn.execute(
+        "SELECT sum(n_universal), count(n_universal) FROM layer_summaries WHERE model_id = ?", (model_id,)
+    ).fetchone()
+    return int(row[0]) if row and row[1] else None

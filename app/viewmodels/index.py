@@ -1,0 +1,130 @@
+"""The front page: runs and model families; per model the universality overview (paper Fig. 2a)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from pydantic import Field
+
+from app.queries import models as mq
+from app.queries.models import Model
+from app.queries.runs import Run
+from app.urls import Scope, neuron_label
+from app.viewmodels.common import ModelSummary, RunSummary, ViewModel, number
+
+TOP_NEURONS = 10
+
+
+class LayerCount(ViewModel):
+    layer: int
+    n_neurons: int
+    n_dead: int
+    n_universal: int | None = Field(description="Neurons above the threshold (None: no aggregates)")
+    mean_excess: float | None
+    max_excess: float | None
+    url: str = Field(description="The explorer filtered to this layer's universal neurons")
+
+
+class DistributionData(ViewModel):
+    """A histogram computed at write time (fixed edges) and its quantiles."""
+
+    quantity: str = Field(description="max_corr | mean_corr | mean_baseline | excess_corr")
+    bin_edges: list[float]
+    counts: list[int]
+    quantiles: dict[str, float]
+
+
+class TopNeuron(ViewModel):
+    layer: int
+    neuron: int
+    id: str
+    url: str
+    excess_corr: float | None
+    mean_corr: float | None
+    mean_baseline: float | None
+    universal: bool | None
+
+
+class ModelOverview(ViewModel):
+    """One model's universality overview (GET /api/v1/models/{model})."""
+
+    model: ModelSummary
+    fraction_universal: float | None = Field(description="n_universal / n_neurons")
+    layers: list[LayerCount] = Field(description="Universal-neuron counts per layer")
+    distributions: dict[str, DistributionData] = Field(description="Max correlation, baseline and excess (Fig. 2a)")
+    top: list[TopNeuron] = Field(description=f"The {TOP_NEURONS} neurons with the highest excess correlation")
+    analyses: list[str] = Field(description="Analysis tables with rows for this model")
+
+
+class IndexPage(ViewModel):
+    """Runs and, for the selected run, its family of models."""
+
+    runs: list[RunSummary] = Field(description="Every run in the file, newest first")
+    run: RunSummary | None = Field(description="The run shown (newest complete unless ?run=)")
+    models: list[ModelOverview]
+
+
+def build_model_overview(conn: sqlite3.Connection, scope: Scope, model: Model, tables: frozenset[str]) -> ModelOverview:
+    layers = mq.layer_summaries(conn, model.id)
+    n_universal = (
+        sum(layer.n_universal or 0 for layer in layers)
+        if any(layer.n_universal is not None for layer in layers)
+        else None
+    )
+    return ModelOverview(
+        model=ModelSummary.build(scope, model, n_universal),
+        fraction_universal=number(n_universal / model.n_neurons) if n_universal is not None else None,
+        layers=[
+            LayerCount(
+                layer=s.layer,
+                n_neurons=s.n_neurons,
+                n_dead=s.n_dead,
+                n_universal=s.n_universal,
+                mean_excess=number(s.mean_excess),
+                max_excess=number(s.max_excess),
+                url=scope.model_url(model.name, {"layer": s.layer, "universal": True}),
+            )
+            for s in layers
+        ],
+        distributions={
+            k: DistributionData(quantity=d.quantity, bin_edges=d.bin_edges, counts=d.counts, quantiles=d.quantiles)
+            for k, d in mq.distributions(conn, model.id).items()
+        },
+        top=[
+            TopNeuron(
+                layer=r["layer"],
+                neuron=r["neuron"],
+                id=neuron_label(r["layer"], r["neuron"]),
+                url=scope.neuron_url(model.name, r["layer"], r["neuron"]),
+                excess_corr=number(r["excess_corr"]),
+                mean_corr=number(r["mean_corr"]),
+                mean_baseline=number(r["mean_baseline"]),
+                universal=None if r["universal"] is None else bool(r["universal"]),
+            )
+            for r in mq.top_neurons(conn, model.id, TOP_NEURONS)
+        ],
+        analyses=sorted(tables),
+    )
+
+
+def run_summaries(conn: sqlite3.Connection, runs: list[Run], default_id: int | None) -> list[RunSummary]:
+    names: dict[int, list[str]] = {}
+    for run_id, name in conn.execute("SELECT run_id, name FROM models ORDER BY run_id, position"):
+        names.setdefault(run_id, []).append(name)
+    return [RunSummary.build(r, names.get(r.id, []), r.id == default_id) for r in runs]
+
+
+def build_index(
+    conn: sqlite3.Connection,
+    runs: list[Run],
+    scope: Scope | None,
+    default_id: int | None,
+    tables: dict[int, frozenset[str]],
+) -> IndexPage:
+    summaries = run_summaries(conn, runs, default_id)
+    selected = next((s for s in summaries if scope and s.id == scope.run.id), None)
+    return IndexPage(
+        runs=summaries,
+        run=selected,
+        models=[build_model_overview(conn, scope, m, tables[m.id]) for m in scope.models] if scope else [],
+    )
