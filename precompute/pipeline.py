@@ -263,7 +263,13 @@ def _run_stages(context: RunContext) -> None:
                 stage.load_state_dict(state["stages"][stage.name])
             logger.info("resuming from checkpoint at row %s", rows_done)
 
-    def save() -> None:
+    def save() -> float:
+        """Write the checkpoint; returns the seconds to wait before the next one.
+
+        Never less than ten times what this save took, so a large state (GPT-2-sized accumulators are tens of
+        GB) is not written more than a tenth of the time, whatever --checkpoint-seconds says.
+        """
+        save_started = time.monotonic()
         _save_checkpoint(
             checkpoint,
             {
@@ -273,7 +279,9 @@ def _run_stages(context: RunContext) -> None:
                 "stages": {stage.name: stage.state_dict() for stage in stages},
             },
         )
+        return max(config.checkpoint_seconds, 10 * (time.monotonic() - save_started))
 
+    interval = config.checkpoint_seconds
     last_save = time.monotonic()
     while True:
         active = [s for s in stages if s.hooks and not s.done_streaming]
@@ -295,8 +303,8 @@ def _run_stages(context: RunContext) -> None:
                 stage.update(batch)
                 seconds[stage.name] += time.perf_counter() - stage_started
             rows_done = batch.row_start + batch.tokens.shape[0]
-            if time.monotonic() - last_save > config.checkpoint_seconds:
-                save()
+            if time.monotonic() - last_save > interval:
+                interval = save()
                 last_save = time.monotonic()
             started = time.perf_counter()
         for stage in active:
@@ -304,7 +312,7 @@ def _run_stages(context: RunContext) -> None:
             stage.finish_pass()
             seconds[stage.name] += time.perf_counter() - stage_started
         rows_done = 0
-        save()
+        interval = save()
         last_save = time.monotonic()
     for stage in stages:
         stage_started = time.perf_counter()

@@ -185,5 +185,22 @@ def test_state_dict_round_trip_resumes_mid_pass():
 def test_bad_configuration_is_refused_with_the_choices():
     with pytest.raises(CorrelationError, match="gaussian, haar"):
         CorrelationConfig(baseline="orthogonal")  # type: ignore[arg-type]
-    with pytest.raises(CorrelationError, match="for CUDA"):
-        CorrelationConfig(precision="bfloat16").resolved_precision(torch.device("cpu"))
+    with pytest.raises(CorrelationError, match="float64, float32, tf32, bfloat16"):
+        CorrelationConfig(precision="float16")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "tf32"])
+def test_gpu_precisions_agree_with_float64(precision):
+    """The CUDA code path (bf16 or TF32 products, float32 accumulators), run on the CPU."""
+    rng = np.random.default_rng(7)
+    acts = {name: random_activations(rng, 8, 32, 2, 16, offset=3.0) for name in "ab"}
+    acts["b"][..., 1, :] += acts["a"][..., 0, :]
+    counted = np.ones((8, 32), dtype=bool)
+    shapes = [ModelShape(name, 2, 16) for name in "ab"]
+    exact = run_engine(shapes, acts, counted, [3, 6], precision="float64")
+    fast = run_engine(shapes, acts, counted, [3, 6], precision=precision)
+    assert fast.accumulator_dtype == torch.float32
+    tolerance = 2e-2 if precision == "bfloat16" else 1e-5
+    for key, result in exact.results.items():
+        np.testing.assert_allclose(fast.results[key].top_corr[:, 0], result.top_corr[:, 0], atol=tolerance)
+        np.testing.assert_allclose(fast.results[key].baseline_corr, result.baseline_corr, atol=tolerance)
