@@ -1,4 +1,5 @@
-"""Annotated dependencies: app state, a read-only connection, the run in scope, model and neuron lookups (404).
+"""Annotated dependencies: app state, a read-only connection, the run in scope (and the universality threshold
+it is looked at with), model and neuron lookups (404).
 
 A lookup that can fail is a dependency, so routes never repeat the checks: a route that takes `NeuronDep` only
 runs for a neuron that exists in a model of a complete run.
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Path, Query, Request
+from pydantic import BeforeValidator, Field
 
 from app.db import Database
 from app.errors import NotFound
@@ -54,7 +56,11 @@ class AppState:
         return self.memo(scope, ("tables", model.id), lambda: mq.analysis_tables(conn, model.id))
 
     def n_universal(self, conn: sqlite3.Connection, scope: Scope, model: Model) -> int | None:
-        return self.memo(scope, ("n_universal", model.id), lambda: mq.count_universal(conn, model.id))
+        """Neurons above the scope's threshold; None for a model without aggregates (``--reference-only``)."""
+        stored = self.memo(scope, ("n_universal", model.id), lambda: mq.count_universal(conn, model.id))
+        if stored is None or scope.custom_threshold is None:
+            return stored
+        return mq.count_above(conn, model.id, scope.custom_threshold)  # a range of an index: not cached
 
 
 def get_state(request: Request) -> AppState:
@@ -72,6 +78,26 @@ async def get_conn(state: StateDep) -> AsyncIterator[sqlite3.Connection]:
 ConnDep = Annotated[sqlite3.Connection, Depends(get_conn)]
 
 
+def _empty_as_none(value: object) -> object:
+    """HTML forms send a field left empty as ``name=``; that means the parameter is absent."""
+    return None if value == "" else value
+
+
+#: Put on optional query parameters that plain HTML forms send (the explorer's filters, the threshold).
+EmptyAsNone = BeforeValidator(_empty_as_none)
+
+#: The universality threshold (paper: 0.5). An excess correlation lies in [-2, 2]; [-1, 2] covers every useful cut.
+Threshold = Annotated[float, Field(ge=-1, le=2, allow_inf_nan=False)]
+ThresholdQuery = Annotated[
+    Threshold | None,
+    EmptyAsNone,
+    Query(
+        description="Excess correlation above which a neuron counts as universal: a finite number in [-1, 2]; "
+        "default: the run's threshold"
+    ),
+]
+
+
 async def get_scope(
     state: StateDep,
     conn: ConnDep,
@@ -79,6 +105,7 @@ async def get_scope(
         int | None,
         Query(ge=1, le=2**31, description="Run id; default: the newest complete run"),
     ] = None,
+    threshold: ThresholdQuery = None,
 ) -> Scope:
     runs = rq.run_states(conn)
     newest = next((r for r in runs if r.status == "complete"), None)
@@ -101,7 +128,7 @@ async def get_scope(
         assert full is not None
         scope = Scope(full, tuple(mq.models_of_run(conn, chosen.id)), default=default)
         state.cache.put(key, scope)
-    return scope
+    return scope.at_threshold(threshold)
 
 
 ScopeDep = Annotated[Scope, Depends(get_scope)]

@@ -113,14 +113,17 @@ def _respond(
 
 
 def _validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
-    return [
-        {
+    detail: list[dict[str, Any]] = []
+    for error in exc.errors():
+        item = {
             "loc": [str(part) for part in error.get("loc", ())],
             "msg": str(error.get("msg", "")),
             "type": error.get("type"),
         }
-        for error in exc.errors()
-    ]
+        # A parameter read by several dependencies (run, threshold) is reported by each of them: say it once.
+        if item not in detail:
+            detail.append(item)
+    return detail
 
 
 async def _app_error(request: Request, exc: Exception) -> Response:

@@ -63,15 +63,36 @@ def layer_counts(overview: Any) -> dict[str, Any]:
     )
 
 
+def _extent(distributions: list[Any], pad: float = 0.02) -> tuple[float, float] | None:
+    """From the first to the last non-empty bin over all the histograms (None when they are all empty).
+
+    >>> class D: bin_edges, counts = [-1.0, -0.5, 0.0, 0.5, 1.0], [0, 3, 0, 1]
+    >>> _extent([D()], pad=0)
+    (-0.5, 1.0)
+    """
+    lows, highs = [], []
+    for dist in distributions:
+        filled = [i for i, c in enumerate(dist.counts) if c]
+        if filled:
+            lows.append(dist.bin_edges[filled[0]])
+            highs.append(dist.bin_edges[filled[-1] + 1])
+    if not lows:
+        return None
+    return round(min(lows) - pad, 6), round(max(highs) + pad, 6)
+
+
 def universality_distributions(overview: Any) -> dict[str, Any]:
-    """Paper Fig. 2a: max correlation, rotated baseline and excess, overlaid."""
+    """Paper Fig. 2a: max correlation, rotated baseline and excess, overlaid; the whole range of the data is shown
+    and a dashed line marks the universality threshold in effect (``overview.threshold``)."""
     names = {"mean_corr": "mean max-corr", "mean_baseline": "mean baseline", "excess_corr": "excess"}
     colors = {"mean_corr": POSITIVE, "mean_baseline": GREY, "excess_corr": "#f58518"}
     data = []
+    shown = []
     for quantity, label in names.items():
         dist = overview.distributions.get(quantity)
         if dist is None:
             continue
+        shown.append(dist)
         data.append(
             {
                 "type": "bar",
@@ -82,16 +103,40 @@ def universality_distributions(overview: Any) -> dict[str, Any]:
                 "opacity": 0.6,
             }
         )
-    return figure(
-        data,
-        _layout(
-            200,
-            barmode="overlay",
-            bargap=0,
-            xaxis={"title": {"text": "correlation"}, "range": [-0.2, 1.02]},
-            yaxis={"title": {"text": "neurons"}},
-        ),
+    threshold = overview.threshold
+    low, high = _extent(shown) or (-0.2, 1.02)
+    low, high = min(low, threshold - 0.05), max(high, threshold + 0.05)
+    layout = _layout(
+        200,
+        barmode="overlay",
+        bargap=0,
+        xaxis={"title": {"text": "correlation"}, "range": [low, high]},
+        yaxis={"title": {"text": "neurons"}},
     )
+    layout["shapes"] = [
+        {
+            "type": "line",
+            "x0": threshold,
+            "x1": threshold,
+            "yref": "paper",
+            "y0": 0,
+            "y1": 1,
+            "line": {"dash": "dash", "color": NEGATIVE, "width": 1.5},
+        }
+    ]
+    layout["annotations"] = [
+        {
+            "x": threshold,
+            "y": 1,
+            "yref": "paper",
+            "text": f"threshold {threshold:g}",
+            "showarrow": False,
+            "xanchor": "left",
+            "yanchor": "top",
+            "font": {"size": 10, "color": NEGATIVE},
+        }
+    ]
+    return figure(data, layout)
 
 
 def partner_bars(page: Any) -> dict[str, Any]:

@@ -2,11 +2,13 @@
 
 Model URLs name the model only (``/models/seed-0``): they mean the newest complete run that has it. A
 ``?run=ID`` query picks another run; links made while looking at a non-default run keep that ``run``, and every
-page shows a permalink pinned to its run.
+page shows a permalink pinned to its run. A ``?threshold=`` other than the run's own universality threshold is
+view state too: every link keeps it, and links at the run's threshold stay without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
@@ -37,6 +39,26 @@ class Scope:
     run: Run
     models: tuple[Model, ...]
     default: bool  # the run is the newest complete one (its URLs need no ?run=)
+    custom_threshold: float | None = None  # a universality threshold other than the run's (?threshold=)
+
+    @property
+    def threshold(self) -> float:
+        """The excess correlation above which a neuron counts as universal in this view."""
+        return self.run.threshold if self.custom_threshold is None else self.custom_threshold
+
+    def at_threshold(self, threshold: float | None) -> Scope:
+        """This scope at another threshold; None or the run's own threshold mean the run's (clean URLs)."""
+        custom = None if threshold is None or threshold == self.run.threshold else float(threshold)
+        return self if custom == self.custom_threshold else dataclasses.replace(self, custom_threshold=custom)
+
+    def state_params(self, pin: bool = False) -> list[tuple[str, object]]:
+        """The view state every link keeps: the run (when it is not the newest, or `pin`) and a chosen threshold."""
+        items: list[tuple[str, object]] = []
+        if pin or not self.default:
+            items.append(("run", self.run.id))
+        if self.custom_threshold is not None:
+            items.append(("threshold", self.custom_threshold))
+        return items
 
     def model(self, name: str) -> Model | None:
         for model in self.models:
@@ -55,9 +77,7 @@ class Scope:
         return f'W/"{self.run.content_hash or self.run.id}"'
 
     def _query(self, params: dict[str, object] | None = None, pin: bool = False) -> str:
-        items: list[tuple[str, object]] = []
-        if pin or not self.default:
-            items.append(("run", self.run.id))
+        items = self.state_params(pin)
         for key, value in (params or {}).items():
             if value is None or value == "" or value == []:
                 continue

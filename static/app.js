@@ -63,7 +63,24 @@
     window.htmx.ajax("GET", partial.pathname + partial.search, { target: form.dataset.target, swap: "innerHTML" });
   });
 
-  function init(root) { renderPlots(root || document); }
+  // Threshold slider (front page): shown only with JavaScript; it moves the number field (the form's real input,
+  // which works without JavaScript) and applies the threshold when released.
+  function initSliders(root) {
+    root.querySelectorAll("input.threshold-slider").forEach(function (slider) {
+      var field = document.getElementById(slider.dataset.for);
+      if (!field || slider.dataset.ready) return;
+      slider.dataset.ready = "1";
+      slider.hidden = false;
+      slider.addEventListener("input", function () { field.value = slider.value; });
+      slider.addEventListener("change", function () {
+        field.value = slider.value;
+        if (field.form.requestSubmit) field.form.requestSubmit(); else field.form.submit();
+      });
+      field.addEventListener("input", function () { slider.value = field.value; });
+    });
+  }
+
+  function init(root) { renderPlots(root || document); initSliders(root || document); }
   if (window.htmx) {
     window.htmx.onLoad(init);
   } else {

@@ -7,6 +7,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.queries.neurons import universal_column
+
 #: Analysis tables (revision 0002) whose presence turns panels on; filled by stages that may not have run.
 ANALYSIS_TABLES = (
     "activation_stats",
@@ -128,16 +130,43 @@ def distributions(conn: sqlite3.Connection, model_id: int) -> dict[str, Distribu
     }
 
 
-def top_neurons(conn: sqlite3.Connection, model_id: int, limit: int) -> list[sqlite3.Row]:
-    """The neurons with the highest excess correlation (the index on (model_id, excess_corr) serves this)."""
+def top_neurons(
+    conn: sqlite3.Connection, model_id: int, limit: int, threshold: float | None = None
+) -> list[sqlite3.Row]:
+    """The neurons with the highest excess correlation (the index on (model_id, excess_corr) serves this), with
+    ``universal`` at `threshold` (None: the run's)."""
+    universal, universal_params = universal_column(threshold, "neurons")
     return conn.execute(
-        "SELECT layer, neuron, excess_corr, mean_corr, mean_baseline, universal FROM neurons "
+        f"SELECT layer, neuron, excess_corr, mean_corr, mean_baseline, {universal} AS universal FROM neurons "
         "WHERE model_id = ? AND excess_corr IS NOT NULL ORDER BY excess_corr DESC LIMIT ?",
-        (model_id, limit),
+        (*universal_params, model_id, limit),
     ).fetchall()
 
 
+#: Neurons above a threshold per layer: a range of the (model_id, excess_corr) index (ix_neurons_model_excess).
+ABOVE_BY_LAYER_SQL = (
+    "SELECT layer, count(*) FROM neurons WHERE model_id = ? AND excess_corr > ? GROUP BY layer ORDER BY layer"
+)
+#: Their total: the same range, answered from the index alone.
+ABOVE_SQL = "SELECT count(*) FROM neurons WHERE model_id = ? AND excess_corr > ?"
+
+
+def count_above_by_layer(conn: sqlite3.Connection, model_id: int, threshold: float) -> dict[int, int]:
+    """Neurons with excess_corr > threshold, per layer (layers without any are left out).
+
+    The aggregates written at the run's threshold (`layer_summaries`) cannot answer another threshold; this reads
+    only the index entries above it, so it costs at most one lookup per counted neuron.
+    """
+    return {layer: n for layer, n in conn.execute(ABOVE_BY_LAYER_SQL, (model_id, threshold))}
+
+
+def count_above(conn: sqlite3.Connection, model_id: int, threshold: float) -> int:
+    """Neurons with excess_corr > threshold (a covering-index range count)."""
+    return int(conn.execute(ABOVE_SQL, (model_id, threshold)).fetchone()[0])
+
+
 def count_universal(conn: sqlite3.Connection, model_id: int) -> int | None:
+    """Neurons above the run's threshold, from the write-time aggregates (None: the model has none)."""
     row = conn.execute(
         "SELECT sum(n_universal), count(n_universal) FROM layer_summaries WHERE model_id = ?", (model_id,)
     ).fetchone()

@@ -2,6 +2,9 @@
 
 Column expressions come only from the fixed `STATISTICS` catalog (never from request text), so they can be
 placed in SQL; every value from a request is a bound parameter.
+
+"Universal" depends on the threshold the request looks at: at the run's own threshold it is the flag stored at
+write time (``neurons.universal``), at another one ``excess_corr > ?`` (`universal_column`).
 """
 
 from __future__ import annotations
@@ -67,7 +70,23 @@ STATISTICS: dict[str, Statistic] = {
     )
 }
 
-#: Columns that colour the explorer scatter (categorical or numeric).
+
+def universal_column(threshold: float | None, table: str = "n") -> tuple[str, tuple[float, ...]]:
+    """The SQL expression for "universal" and its parameters.
+
+    None means the run's threshold: the flag stored at write time. Another threshold compares the excess
+    correlation, which is NULL exactly where the stored flag is (dead neurons, models without aggregates), so
+    the expression is NULL there too.
+
+    >>> universal_column(None), universal_column(0.3, "neurons")
+    (('n.universal', ()), ('(neurons.excess_corr > ?)', (0.3,)))
+    """
+    if threshold is None:
+        return f"{table}.universal", ()
+    return f"({table}.excess_corr > ?)", (threshold,)
+
+
+#: Columns that colour the explorer scatter (categorical or numeric); "universal" goes through `universal_column`.
 COLOR_COLUMNS = {
     "layer": ("n.layer", "neurons"),
     "universal": ("n.universal", "neurons"),
@@ -100,6 +119,7 @@ class NeuronFilter:
     family: str | None = None
     role: str | None = None
     ranges: tuple[Range, ...] = ()
+    threshold: float | None = None  # what `universal` means: None the run's threshold, else excess_corr > threshold
 
     def where(self) -> tuple[list[str], list[object], set[str]]:
         """SQL conditions, their parameters and the table aliases they need."""
@@ -109,9 +129,12 @@ class NeuronFilter:
         if self.layer is not None:
             conditions.append("n.layer = ?")
             params.append(self.layer)
-        if self.universal is not None:
+        if self.universal is not None and self.threshold is None:
             conditions.append("n.universal = ?")
             params.append(int(self.universal))
+        elif self.universal is not None:  # a range of the (model_id, excess_corr) index; NULL excess is neither
+            conditions.append("n.excess_corr > ?" if self.universal else "n.excess_corr <= ?")
+            params.append(self.threshold)
         if self.dead is not None:
             conditions.append("n.dead = ?")
             params.append(int(self.dead))
@@ -147,12 +170,11 @@ def _alias(column: str) -> str:
     return column.split(".")[0]
 
 
-#: What every list row carries, besides the requested extra statistics.
+#: What every list row carries, besides the requested extra statistics (and `universal`).
 SUMMARY_COLUMNS = (
     "n.layer",
     "n.neuron",
     "n.dead",
-    "n.universal",
     "n.excess_corr",
     "n.mean_corr",
     "n.max_corr",
@@ -180,7 +202,8 @@ def list_neurons(
     """
     conditions, params, aliases = where.where()
     sort_column = STATISTICS[sort].column
-    columns = list(SUMMARY_COLUMNS)
+    universal, universal_params = universal_column(where.threshold)
+    columns = [*SUMMARY_COLUMNS, f"{universal} AS universal"]
     aliases |= {_alias(sort_column)} | set(with_labels)
     if "f" in with_labels:
         columns.append("f.family AS family")
@@ -196,7 +219,7 @@ def list_neurons(
         f"SELECT {', '.join(columns)} {_from(aliases)} WHERE n.model_id = ? "
         f"{''.join(' AND ' + c for c in conditions)} ORDER BY {order_by}, n.layer, n.neuron LIMIT ? OFFSET ?"
     )
-    return conn.execute(sql, (model_id, *params, limit, offset)).fetchall()
+    return conn.execute(sql, (*universal_params, model_id, *params, limit, offset)).fetchall()
 
 
 def count_neurons(conn: sqlite3.Connection, model_id: int, where: NeuronFilter) -> int:
@@ -219,12 +242,13 @@ def export_rows(
     aliases |= {"f", "r"} | {_alias(STATISTICS[c].column) for c in (*columns, sort)}
     sort_column = STATISTICS[sort].column
     direction = "DESC" if order == "desc" else "ASC"
+    universal, universal_params = universal_column(where.threshold)
     selected = ", ".join(
         [
             "n.layer AS layer",
             "n.neuron AS neuron",
             "n.dead AS dead",
-            "n.universal AS universal",
+            f"{universal} AS universal",
             "f.family AS family",
             "r.vocab_role AS vocab_role",
         ]
@@ -234,7 +258,7 @@ def export_rows(
         f"SELECT {selected} {_from(aliases)} WHERE n.model_id = ?{''.join(' AND ' + c for c in conditions)} "
         f"ORDER BY {sort_column} IS NULL, {sort_column} {direction}, n.layer, n.neuron"
     )
-    return fetch_capped(conn, sql, (model_id, *params), cap)
+    return fetch_capped(conn, sql, (*universal_params, model_id, *params), cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,8 +274,10 @@ def scatter_rows(
     """(layer, neuron, x, y, colour) of the filtered neurons with both coordinates; a fixed sample beyond `cap`."""
     conditions, params, aliases = where.where()
     x_col, y_col = STATISTICS[x].column, STATISTICS[y].column
-    color_col = COLOR_COLUMNS[color][0]
-    aliases |= {_alias(x_col), _alias(y_col), _alias(color_col)}
+    color_col, color_params = COLOR_COLUMNS[color][0], ()
+    if color == "universal":
+        color_col, color_params = universal_column(where.threshold)
+    aliases |= {_alias(x_col), _alias(y_col), _alias(COLOR_COLUMNS[color][0])}
     conditions += [f"{x_col} IS NOT NULL", f"{y_col} IS NOT NULL"]
     base = f"{_from(aliases)} WHERE n.model_id = ?{''.join(' AND ' + c for c in conditions)}"
     total = int(conn.execute(f"SELECT count(*) {base}", (model_id, *params)).fetchone()[0])
@@ -259,7 +285,7 @@ def scatter_rows(
     order = "" if total <= cap else " ORDER BY ((n.layer * 1000003 + n.neuron) * 2654435761) % 4294967291"
     rows = conn.execute(
         f"SELECT n.layer, n.neuron, {x_col} AS x, {y_col} AS y, {color_col} AS color {base}{order} LIMIT ?",
-        (model_id, *params, cap),
+        (*color_params, model_id, *params, cap),
     ).fetchall()
     return ScatterRows(rows, total, total > cap)
 
@@ -267,11 +293,15 @@ def scatter_rows(
 # --- one neuron -------------------------------------------------------------------------------------------
 
 
-def get_neuron(conn: sqlite3.Connection, model_id: int, layer: int, neuron: int) -> sqlite3.Row | None:
+def get_neuron(
+    conn: sqlite3.Connection, model_id: int, layer: int, neuron: int, threshold: float | None = None
+) -> sqlite3.Row | None:
+    """One neuron's universality row; ``universal`` at `threshold` (None: the run's)."""
+    universal, universal_params = universal_column(threshold, "neurons")
     return conn.execute(
         "SELECT dead, max_corr, mean_corr, min_corr, max_baseline, mean_baseline, min_baseline, excess_corr, "
-        "universal FROM neurons WHERE model_id = ? AND layer = ? AND neuron = ?",
-        (model_id, layer, neuron),
+        f"{universal} AS universal FROM neurons WHERE model_id = ? AND layer = ? AND neuron = ?",
+        (*universal_params, model_id, layer, neuron),
     ).fetchone()
 
 
@@ -306,21 +336,27 @@ def matched_by(conn: sqlite3.Connection, model_id: int, layer: int, neuron: int,
 
 
 def neighbour_universal(
-    conn: sqlite3.Connection, model_id: int, layer: int, neuron: int, direction: Literal["next", "prev"]
+    conn: sqlite3.Connection,
+    model_id: int,
+    layer: int,
+    neuron: int,
+    direction: Literal["next", "prev"],
+    threshold: float | None = None,
 ) -> tuple[int, int] | None:
-    """The next (or previous) universal neuron in (layer, neuron) order (primary-key range scan)."""
+    """The next (or previous) universal neuron at `threshold` (None: the run's) in (layer, neuron) order."""
     # Row values keep this a range scan of the primary-key index from (layer, neuron) on.
+    universal, universal_params = universal_column(threshold, "neurons")
     if direction == "next":
         sql = (
-            "SELECT layer, neuron FROM neurons WHERE model_id = ? AND (layer, neuron) > (?, ?) AND universal = 1 "
+            f"SELECT layer, neuron FROM neurons WHERE model_id = ? AND (layer, neuron) > (?, ?) AND {universal} = 1 "
             "ORDER BY layer, neuron LIMIT 1"
         )
     else:
         sql = (
-            "SELECT layer, neuron FROM neurons WHERE model_id = ? AND (layer, neuron) < (?, ?) AND universal = 1 "
+            f"SELECT layer, neuron FROM neurons WHERE model_id = ? AND (layer, neuron) < (?, ?) AND {universal} = 1 "
             "ORDER BY layer DESC, neuron DESC LIMIT 1"
         )
-    row = conn.execute(sql, (model_id, layer, neuron)).fetchone()
+    row = conn.execute(sql, (model_id, layer, neuron, *universal_params)).fetchone()
     return (row[0], row[1]) if row else None
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, Query
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
-from app.deps import StateDep
+from app.deps import EmptyAsNone, ScopeDep, StateDep
 from app.queries.neurons import NeuronFilter
 from app.viewmodels.explorer import RANGE_PATTERN, ColorBy, ExplorerQuery, Order, Statistic, parse_range
 
@@ -38,13 +38,25 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 RangeParam = Annotated[str, Field(pattern=RANGE_PATTERN, max_length=200)]
 
 
+def _drop_empty(values: object) -> object:
+    """A form's empty range field arrives as ``range=``: it is no range."""
+    return [v for v in values if v != ""] if isinstance(values, list) else values
+
+
+# The filters are optional fields of the explorer's plain GET form, which sends a field left empty as ``name=``
+# (EmptyAsNone): constraints sit on the inner type so that they apply to given values only.
 async def get_explorer_query(
     state: StateDep,
-    layer: Annotated[int | None, Query(ge=0, le=100_000, description="Only this layer")] = None,
-    universal: Annotated[
-        bool | None, Query(description="Only universal (true) or non-universal (false) neurons")
+    scope: ScopeDep,
+    layer: Annotated[
+        Annotated[int, Field(ge=0, le=100_000)] | None, EmptyAsNone, Query(description="Only this layer")
     ] = None,
-    dead: Annotated[bool | None, Query(description="Only dead (true) or live (false) neurons")] = None,
+    universal: Annotated[
+        bool | None,
+        EmptyAsNone,
+        Query(description="Only universal (true) or non-universal (false) neurons, at the threshold in effect"),
+    ] = None,
+    dead: Annotated[bool | None, EmptyAsNone, Query(description="Only dead (true) or live (false) neurons")] = None,
     family: Annotated[str | None, Query(max_length=100, description="Only this family label")] = None,
     role: Annotated[
         str | None,
@@ -52,11 +64,14 @@ async def get_explorer_query(
     ] = None,
     range: Annotated[
         list[RangeParam] | None,
+        BeforeValidator(_drop_empty),
         Query(description="statistic:low:high, repeatable; either bound may be empty (excess_corr:0.5:)"),
     ] = None,
     sort: Annotated[Statistic, Query(description="Statistic to sort by")] = Statistic.excess_corr,  # type: ignore[attr-defined]
     order: Annotated[Order, Query(description="asc or desc (missing values always last)")] = "desc",
-    limit: Annotated[int | None, Query(ge=1, le=100_000, description="Page size (capped at max_rows)")] = None,
+    limit: Annotated[
+        Annotated[int, Field(ge=1, le=100_000)] | None, EmptyAsNone, Query(description="Page size (capped at max_rows)")
+    ] = None,
     offset: Annotated[int, Query(ge=0, le=10_000_000, description="Rows to skip")] = 0,
     x: Annotated[Statistic, Query(description="Scatter x axis")] = Statistic.excess_corr,  # type: ignore[attr-defined]
     y: Annotated[Statistic, Query(description="Scatter y axis")] = Statistic.mean_baseline,  # type: ignore[attr-defined]
@@ -69,6 +84,7 @@ async def get_explorer_query(
         family=family or None,
         role=role or None,
         ranges=tuple(parse_range(r) for r in range or []),
+        threshold=scope.custom_threshold,
     )
     return ExplorerQuery(
         filter=where,

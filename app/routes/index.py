@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from app import rendering
-from app.deps import AppState, ConnDep, ModelDep, ScopeDep, StateDep
+from app.deps import AppState, ConnDep, ModelDep, ScopeDep, StateDep, ThresholdQuery
 from app.errors import NotFound
 from app.queries import models as mq
 from app.queries import runs as rq
@@ -24,7 +24,9 @@ api = APIRouter(prefix="/api/v1", tags=["runs and models"], responses=error_resp
 RunQuery = Annotated[int | None, Query(ge=1, le=2**31, description="Run id; default: the newest complete run")]
 
 
-def _index(state: AppState, conn: sqlite3.Connection, run: int | None) -> tuple[IndexPage, Scope | None]:
+def _index(
+    state: AppState, conn: sqlite3.Connection, run: int | None, threshold: float | None
+) -> tuple[IndexPage, Scope | None]:
     runs = rq.list_runs(conn)
     newest = next((r for r in runs if r.complete), None)
     chosen = newest
@@ -38,22 +40,25 @@ def _index(state: AppState, conn: sqlite3.Connection, run: int | None) -> tuple[
     tables = {}
     if chosen is not None:
         scope = Scope(chosen, tuple(mq.models_of_run(conn, chosen.id)), default=chosen is newest)
+        scope = scope.at_threshold(threshold)
         tables = {m.id: state.tables(conn, scope, m) for m in scope.models}
     return build_index(conn, runs, scope, newest.id if newest else None, tables), scope
 
 
 @pages.get("/", response_class=HTMLResponse, summary="Runs, model families and universality overview")
-def index_page(request: Request, state: StateDep, conn: ConnDep, run: RunQuery = None) -> Response:
-    """The runs in the file and, per model of the shown run, its universality overview."""
-    page, scope = _index(state, conn, run)
-    api_url = "/api/v1/" + (f"?run={run}" if run else "")
+def index_page(
+    request: Request, state: StateDep, conn: ConnDep, run: RunQuery = None, threshold: ThresholdQuery = None
+) -> Response:
+    """The runs in the file and, per model of the shown run, its universality overview at the chosen threshold."""
+    page, scope = _index(state, conn, run, threshold)
+    api_url = scope.api_url("/") if scope else "/api/v1/"
     return rendering.html(request, "index.html", page, alternate=api_url, scope=scope)
 
 
 @api.get("/", response_model=IndexPage, summary="Runs and the shown run's model overviews")
-def index_json(state: StateDep, conn: ConnDep, run: RunQuery = None) -> Response:
+def index_json(state: StateDep, conn: ConnDep, run: RunQuery = None, threshold: ThresholdQuery = None) -> Response:
     """JSON twin of the front page."""
-    page, _ = _index(state, conn, run)
+    page, _ = _index(state, conn, run, threshold)
     return rendering.json(page)
 
 

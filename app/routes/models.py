@@ -114,6 +114,7 @@ def neurons_csv(state: StateDep, conn: ConnDep, scope: ScopeDep, model: ModelDep
         "Content-Disposition": f'attachment; filename="{_safe_filename(model.name)}-neurons.csv"',
         "X-Total-Count": str(total),
         "X-Truncated": "true" if total > cap else "false",
+        "X-Universal-Threshold": str(scope.threshold),
         "Cache-Control": "no-store",
     }
     return StreamingResponse(_csv_rows(state, model, query, columns, cap), media_type="text/csv", headers=headers)

@@ -114,7 +114,9 @@ class ModelSummary(ViewModel):
     n_heads: int = Field(description="Attention heads per layer")
     act_fn: str = Field(description="MLP activation function")
     n_neurons: int = Field(description="n_layers × d_mlp")
-    n_universal: int | None = Field(description="Neurons above the universality threshold (None: no aggregates)")
+    n_universal: int | None = Field(
+        description="Neurons above the universality threshold in effect (None: no aggregates)"
+    )
     source: str = Field(description="What was loaded: a TransformerLens name or a local folder")
     processing: dict[str, Any] = Field(description="Weight processing flags (fold_ln, center_*)")
     url: str = Field(description="The model's explorer page")

@@ -163,6 +163,9 @@ class ExplorerPage(ViewModel):
     prev_url: str | None
     next_url: str | None
     random_url: str = Field(description="A random neuron among the filtered ones")
+    threshold: float = Field(
+        description="The universality threshold in effect for `universal` (?threshold=, default: the run's)"
+    )
 
 
 class ScatterData(ViewModel):
@@ -179,6 +182,7 @@ class ScatterData(ViewModel):
     ys: list[float | None]
     colors: list[str | float | None]
     neuron_url_template: str = Field(description="URL of a point's page with {layer} and {neuron} to fill in")
+    threshold: float = Field(description="The universality threshold in effect (for color=universal)")
 
 
 def statistics_info(tables: frozenset[str]) -> list[StatisticInfo]:
@@ -302,6 +306,7 @@ def build_explorer(
         random_url=scope.random_url(
             model.name, query.params(sort=None, order=None, limit=None, offset=None, x=None, y=None, color=None)
         ),
+        threshold=scope.threshold,
     )
 
 
@@ -328,4 +333,5 @@ def build_scatter(conn: sqlite3.Connection, scope: Scope, model: Model, query: E
         ys=[number(r["y"]) for r in data.rows],
         colors=colors,
         neuron_url_template=scope.neuron_url(model.name, 0, 0).replace("/neurons/0/0", "/neurons/{layer}/{neuron}"),
+        threshold=scope.threshold,
     )

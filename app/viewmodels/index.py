@@ -1,4 +1,5 @@
-"""The front page: runs and model families; per model the universality overview (paper Fig. 2a)."""
+"""The front page: runs and model families; per model the universality overview (paper Fig. 2a) at the threshold
+in scope (the run's, or ``?threshold=``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ class LayerCount(ViewModel):
     layer: int
     n_neurons: int
     n_dead: int
-    n_universal: int | None = Field(description="Neurons above the threshold (None: no aggregates)")
+    n_universal: int | None = Field(description="Neurons above the threshold in effect (None: no aggregates)")
     mean_excess: float | None
     max_excess: float | None
     url: str = Field(description="The explorer filtered to this layer's universal neurons")
@@ -42,7 +43,7 @@ class TopNeuron(ViewModel):
     excess_corr: float | None
     mean_corr: float | None
     mean_baseline: float | None
-    universal: bool | None
+    universal: bool | None = Field(description="excess_corr > the threshold in effect")
 
 
 class ModelOverview(ViewModel):
@@ -54,6 +55,7 @@ class ModelOverview(ViewModel):
     distributions: dict[str, DistributionData] = Field(description="Max correlation, baseline and excess (Fig. 2a)")
     top: list[TopNeuron] = Field(description=f"The {TOP_NEURONS} neurons with the highest excess correlation")
     analyses: list[str] = Field(description="Analysis tables with rows for this model")
+    threshold: float = Field(description="The universality threshold in effect (?threshold=, default: the run's)")
 
 
 class IndexPage(ViewModel):
@@ -62,15 +64,29 @@ class IndexPage(ViewModel):
     runs: list[RunSummary] = Field(description="Every run in the file, newest first")
     run: RunSummary | None = Field(description="The run shown (newest complete unless ?run=)")
     models: list[ModelOverview]
+    threshold: float | None = Field(
+        description="The universality threshold in effect (?threshold=, default: the run's; None: no run shown)"
+    )
+
+
+def universal_per_layer(
+    conn: sqlite3.Connection, scope: Scope, model: Model, layers: list[mq.LayerSummary]
+) -> dict[int, int | None]:
+    """Universal neurons per layer at the scope's threshold (None for a layer without aggregates).
+
+    At the run's threshold the write-time counts answer; another one counts a range of the excess index.
+    """
+    if scope.custom_threshold is None:
+        return {s.layer: s.n_universal for s in layers}
+    above = mq.count_above_by_layer(conn, model.id, scope.custom_threshold)
+    return {s.layer: None if s.n_universal is None else above.get(s.layer, 0) for s in layers}
 
 
 def build_model_overview(conn: sqlite3.Connection, scope: Scope, model: Model, tables: frozenset[str]) -> ModelOverview:
     layers = mq.layer_summaries(conn, model.id)
-    n_universal = (
-        sum(layer.n_universal or 0 for layer in layers)
-        if any(layer.n_universal is not None for layer in layers)
-        else None
-    )
+    per_layer = universal_per_layer(conn, scope, model, layers)
+    counted = [n for n in per_layer.values() if n is not None]
+    n_universal = sum(counted) if counted else None
     return ModelOverview(
         model=ModelSummary.build(scope, model, n_universal),
         fraction_universal=number(n_universal / model.n_neurons) if n_universal is not None else None,
@@ -79,7 +95,7 @@ def build_model_overview(conn: sqlite3.Connection, scope: Scope, model: Model, t
                 layer=s.layer,
                 n_neurons=s.n_neurons,
                 n_dead=s.n_dead,
-                n_universal=s.n_universal,
+                n_universal=per_layer[s.layer],
                 mean_excess=number(s.mean_excess),
                 max_excess=number(s.max_excess),
                 url=scope.model_url(model.name, {"layer": s.layer, "universal": True}),
@@ -101,9 +117,10 @@ def build_model_overview(conn: sqlite3.Connection, scope: Scope, model: Model, t
                 mean_baseline=number(r["mean_baseline"]),
                 universal=None if r["universal"] is None else bool(r["universal"]),
             )
-            for r in mq.top_neurons(conn, model.id, TOP_NEURONS)
+            for r in mq.top_neurons(conn, model.id, TOP_NEURONS, scope.custom_threshold)
         ],
         analyses=sorted(tables),
+        threshold=scope.threshold,
     )
 
 
@@ -127,4 +144,5 @@ def build_index(
         runs=summaries,
         run=selected,
         models=[build_model_overview(conn, scope, m, tables[m.id]) for m in scope.models] if scope else [],
+        threshold=scope.threshold if scope else None,
     )

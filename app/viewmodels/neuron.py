@@ -252,7 +252,7 @@ class NeuronPage(ViewModel):
     family_models: list[str] = Field(description="Models of the family")
     dead: bool = Field(description="Zero variance over the counted tokens")
     universal: bool | None = Field(description="excess_corr > threshold (None when aggregates are missing)")
-    threshold: float = Field(description="The run's universality threshold")
+    threshold: float = Field(description="The universality threshold in effect (?threshold=, default: the run's)")
     excess_corr: float | None = Field(description="mean_corr − mean_baseline (paper eq. 3)")
     mean_corr: float | None
     max_corr: float | None
@@ -515,8 +515,8 @@ def _ref(scope: Scope, model: Model, layer: int, neuron: int) -> NeuronRef | Non
 def navigation(conn: sqlite3.Connection, scope: Scope, model: Model, layer: int, neuron: int) -> Navigation:
     flat = layer * model.d_mlp + neuron
     prev_flat, next_flat = flat - 1, flat + 1
-    prev_u = nq.neighbour_universal(conn, model.id, layer, neuron, "prev")
-    next_u = nq.neighbour_universal(conn, model.id, layer, neuron, "next")
+    prev_u = nq.neighbour_universal(conn, model.id, layer, neuron, "prev", scope.custom_threshold)
+    next_u = nq.neighbour_universal(conn, model.id, layer, neuron, "next", scope.custom_threshold)
     return Navigation(
         prev=_ref(scope, model, *divmod(prev_flat, model.d_mlp)) if prev_flat >= 0 else None,
         next=_ref(scope, model, *divmod(next_flat, model.d_mlp)) if next_flat < model.n_neurons else None,
@@ -543,7 +543,7 @@ def build_neuron_page(
     live_max_tokens: int | None = None,
 ) -> NeuronPage:
     key = (model.id, layer, neuron)
-    row = nq.get_neuron(conn, model.id, layer, neuron)
+    row = nq.get_neuron(conn, model.id, layer, neuron, scope.custom_threshold)
     partners = [
         PartnerScore(
             model=p["partner"],
@@ -646,7 +646,7 @@ def build_neuron_page(
         family_models=[m.name for m in scope.models],
         dead=bool(row["dead"]) if row else False,
         universal=None if row is None or row["universal"] is None else bool(row["universal"]),
-        threshold=scope.run.threshold,
+        threshold=scope.threshold,
         excess_corr=number(row["excess_corr"]) if row else None,
         mean_corr=number(row["mean_corr"]) if row else None,
         max_corr=number(row["max_corr"]) if row else None,

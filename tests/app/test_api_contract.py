@@ -125,6 +125,7 @@ LIST_KEYS = [
     "prev_url",
     "next_url",
     "random_url",
+    "threshold",
 ]
 SUMMARY_KEYS = [
     "model",
@@ -146,8 +147,22 @@ SUMMARY_KEYS = [
     "values",
 ]
 MATCH_KEYS = ["model", "layer", "neuron", "corr", "rank", "id", "url"]
-OVERVIEW_KEYS = ["model", "fraction_universal", "layers", "distributions", "top", "analyses"]
-SCATTER_KEYS = ["x", "y", "color", "total", "sampled", "layer", "neuron", "xs", "ys", "colors", "neuron_url_template"]
+OVERVIEW_KEYS = ["model", "fraction_universal", "layers", "distributions", "top", "analyses", "threshold"]
+INDEX_KEYS = ["runs", "run", "models", "threshold"]
+SCATTER_KEYS = [
+    "x",
+    "y",
+    "color",
+    "total",
+    "sampled",
+    "layer",
+    "neuron",
+    "xs",
+    "ys",
+    "colors",
+    "neuron_url_template",
+    "threshold",
+]
 EXAMPLES_KEYS = ["kind", "context", "scale", "groups", "counts"]
 EXAMPLE_KEYS = [
     "kind",
@@ -198,7 +213,7 @@ def test_models_of_another_run(client):
 
 def test_index_and_runs(client):
     index = client.get("/api/v1/").json()
-    assert list(index) == ["runs", "run", "models"]
+    assert list(index) == INDEX_KEYS
     assert index["run"]["id"] == FULL_RUN and index["run"]["default"] is True
     assert [list(r) for r in index["runs"]] == [RUN_KEYS, RUN_KEYS]
     assert [list(o) for o in index["models"]] == [OVERVIEW_KEYS] * 3

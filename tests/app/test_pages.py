@@ -35,6 +35,13 @@ PANELS = (
         ("/models/tiny-a/neurons/1/7", "/api/v1/models/tiny-a/neurons/1/7", NeuronPage),
         ("/models/tiny-b/neurons/0/2?run=1", "/api/v1/models/tiny-b/neurons/0/2?run=1", NeuronPage),
         ("/search?q=def", "/api/v1/search?q=def", SearchPage),
+        ("/?threshold=0.1", "/api/v1/?threshold=0.1", IndexPage),
+        (
+            "/models/tiny-a?universal=true&threshold=0.4",
+            "/api/v1/models/tiny-a/neurons?universal=true&threshold=0.4",
+            ExplorerPage,
+        ),
+        ("/models/tiny-a/neurons/1/7?threshold=0.1", "/api/v1/models/tiny-a/neurons/1/7?threshold=0.1", NeuronPage),
         (
             "/models/tiny-a/neurons/0/3/_partials/examples?kind=quantile",
             "/api/v1/models/tiny-a/neurons/0/3/examples?kind=quantile",

@@ -72,6 +72,26 @@ def test_index_and_explorer(serve, family_atlas, page, screenshot):
     page.goto(base + "/")
     page.wait_for_function("document.querySelectorAll('.plot[data-rendered]').length == 6")
     screenshot(page, "index")
+
+    # choose another universality threshold with the slider: the page reloads with it in the URL and the counts per
+    # model follow (the same numbers as the JSON twin)
+    counts = page.locator("#threshold-counts td.count")
+    before = counts.all_inner_texts()
+    page.locator("input.threshold-slider").fill("0.1")  # the slider is shown by app.js and applies on release
+    page.wait_for_url("**/?threshold=0.1")
+    after = counts.all_inner_texts()
+    twin = page.request.get(f"{base}/api/v1/?threshold=0.1").json()
+    assert after == [str(o["model"]["n_universal"]) for o in twin["models"]] and after != before
+    assert page.locator("#threshold-value").input_value() == "0.1"
+    page.wait_for_function("document.querySelectorAll('.plot[data-rendered]').length == 6")
+    screenshot(page, "index-threshold")
+
+    # a model's count links to its universal neurons at that threshold; the explorer keeps it
+    page.locator("#threshold-counts tr[data-model='tiny-b'] a").click()
+    page.wait_for_selector("#neuron-table")
+    assert parse_qs(urlparse(page.url).query)["threshold"] == ["0.1"]
+    assert page.locator("#neuron-table .badge.universal").count() == int(after[-1])
+
     page.goto(f"{base}/models/tiny-a?x=vocab_kurt&y=excess_corr&color=family&universal=true")
     page.wait_for_selector("#scatter-plot[data-rendered='1']")
     assert page.locator("#neuron-table tr").count() > 1
