@@ -3,8 +3,8 @@
 The analyses must share the correlation stage's forward passes: ``analyses_over_forward`` = (stats + examples +
 families streaming seconds) / forward seconds, which the issue caps at 1.5. Prints one JSON line.
 
-    python bench/precompute.py                                   # the shipped family, the demo's settings
-    python bench/precompute.py --tokens 100000 zoo/stdlib-tiny/seed-0 zoo/stdlib-tiny/seed-1
+    python bench/stages.py                                   # the shipped family, the demo's settings
+    python bench/stages.py --tokens 100000 zoo/stdlib-tiny/seed-0 zoo/stdlib-tiny/seed-1
 """
 
 from __future__ import annotations
