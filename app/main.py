@@ -10,6 +10,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+import anyio.to_thread
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,6 +36,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Starlette runs sync routes in anyio's thread pool (40 threads by default); see `request_threads`.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.request_threads
         yield
         state.live.close()
         state.db.close()

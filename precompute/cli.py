@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -138,6 +139,12 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--db", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="server processes (default: 2, or 1 on a one-core machine; see docs/performance.md)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,7 +250,11 @@ def _serve(args: argparse.Namespace) -> None:
 
     if not args.db.is_file():
         raise FileNotFoundError(f"no atlas file at {args.db}; run `universal-neurons precompute` first")
-    uvicorn.run(create_app(Settings(db_path=args.db)), host=args.host, port=args.port)
+    if args.workers > 1:  # several processes need an importable factory; it reads UNA_* settings
+        os.environ["UNA_DB_PATH"] = str(args.db.resolve())
+        uvicorn.run("app.main:app_from_environment", factory=True, host=args.host, port=args.port, workers=args.workers)
+    else:
+        uvicorn.run(create_app(Settings(db_path=args.db)), host=args.host, port=args.port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
