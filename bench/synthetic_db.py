@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from precompute import store as s
+from precompute.weights import WEIGHT_STAT_COLUMNS
 
 logger = logging.getLogger("bench.synthetic_db")
 
@@ -219,18 +220,7 @@ def _analyses(
         ),
     )
     weights = rng.normal(size=(n, 10))
-    names = (
-        "w_in_norm",
-        "w_out_norm",
-        "input_bias",
-        "in_out_sim",
-        "l2_penalty",
-        "vocab_mean",
-        "vocab_var",
-        "vocab_skew",
-        "vocab_kurt",
-        "null_space_fraction",
-    )
+    names = WEIGHT_STAT_COLUMNS
     store.insert_rows(
         s.weight_stats,
         (

@@ -36,7 +36,9 @@ from precompute.stats import (
     counted_activations,
     counted_positions,
     firing_by_position,
+    load_per_model_state,
     neuron_key,
+    per_model_state_dict,
 )
 
 if TYPE_CHECKING:
@@ -293,22 +295,12 @@ class FamiliesStage:
         self._done = True
 
     def state_dict(self) -> dict:
-        models = {
-            name: {k: (v.state_dict() if isinstance(v, StreamingMoments) else v) for k, v in state.items()}
-            for name, state in self.state.items()
-        }
-        return {"models": models, "counts": self.counts, "done": self._done}
+        return {"models": per_model_state_dict(self.state), "counts": self.counts, "done": self._done}
 
     def load_state_dict(self, state: dict) -> None:
         self._build_context_labels()
-        move = lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        for name, saved in state["models"].items():
-            for key, value in saved.items():
-                if key.endswith("_moments"):
-                    self.state[name][key].load_state_dict(value)
-                else:
-                    self.state[name][key] = move(value)
-        self.counts = {k: move(v) for k, v in state["counts"].items()}
+        load_per_model_state(self.state, state["models"], self.device)
+        self.counts = {k: v.to(self.device) for k, v in state["counts"].items()}
         self._done = state["done"]
 
     # --- results ------------------------------------------------------------------------------------------

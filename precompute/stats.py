@@ -178,6 +178,26 @@ class StreamingMoments:
         self.n, self.sums = state["n"], state["sums"].to(self.sums.device)
 
 
+def per_model_state_dict(state: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A checkpointable copy of per-model running state (tensors, and `StreamingMoments` as their sums)."""
+    return {
+        name: {k: (v.state_dict() if isinstance(v, StreamingMoments) else v) for k, v in values.items()}
+        for name, values in state.items()
+    }
+
+
+def load_per_model_state(
+    state: Mapping[str, dict[str, Any]], saved: Mapping[str, Mapping[str, Any]], device: torch.device | str
+) -> None:
+    """Restore `per_model_state_dict` output into live per-model state, moving tensors to `device`."""
+    for name, values in saved.items():
+        for key, value in values.items():
+            if isinstance(state[name][key], StreamingMoments):
+                state[name][key].load_state_dict(value)
+            else:
+                state[name][key] = value.to(device) if isinstance(value, torch.Tensor) else value
+
+
 def within_layer_percentiles(values: np.ndarray) -> np.ndarray:
     """Percentile (0-100) of each value within its layer, SciPy's ``percentileofscore(kind="mean")``.
 
@@ -292,23 +312,11 @@ class StatsStage:
         self._done = True
 
     def state_dict(self) -> dict:
-        models = {
-            name: {k: (v.state_dict() if isinstance(v, StreamingMoments) else v) for k, v in state.items()}
-            for name, state in self.state.items()
-        }
-        return {"models": models, "shared": self.shared, "done": self._done}
+        return {"models": per_model_state_dict(self.state), "shared": self.shared, "done": self._done}
 
     def load_state_dict(self, state: dict) -> None:
-        def move(value: Any) -> Any:
-            return value.to(self.device) if isinstance(value, torch.Tensor) else value
-
-        for name, saved in state["models"].items():
-            for key, value in saved.items():
-                if isinstance(self.state[name][key], StreamingMoments):
-                    self.state[name][key].load_state_dict(value)
-                else:
-                    self.state[name][key] = move(value)
-        self.shared = {k: move(v) for k, v in state["shared"].items()}
+        load_per_model_state(self.state, state["models"], self.device)
+        self.shared = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in state["shared"].items()}
         self._done = state["done"]
 
     # --- results ------------------------------------------------------------------------------------------
