@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
@@ -40,16 +40,29 @@ class ActivationBatch:
     counted: torch.Tensor  # [batch, pos] bool: positions statistics count
     hook_post: dict[str, torch.Tensor]  # model name -> [batch, pos, n_layers, d_mlp]
     hook_pre: dict[str, torch.Tensor]  # model name -> [batch, pos, n_layers, d_mlp] (when asked for)
+    _counted: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def counted_index(self) -> torch.Tensor:
         """Flat indices (into batch * pos) of the counted positions."""
         return self.counted.reshape(-1).nonzero().squeeze(1)
 
+    def counted_acts(self, model: str, hook: HookKind = "hook_post") -> torch.Tensor:
+        """Activations at counted positions, flattened: [tokens, n_layers * d_mlp].
+
+        Selected once per (model, hook) and batch, then shared by every stage that reads the batch; callers must
+        not modify it in place.
+        """
+        key = (model, hook)
+        if key not in self._counted:
+            acts = getattr(self, hook)[model]  # [batch, pos, n_layers, d_mlp]
+            flat = acts.reshape(-1, acts.shape[-2] * acts.shape[-1])
+            self._counted[key] = flat.index_select(0, self.counted_index)
+        return self._counted[key]
+
     def counted_post(self, model: str) -> torch.Tensor:
-        """Post-activations at counted positions, flattened: [tokens, n_layers * d_mlp] (a copy)."""
-        post = self.hook_post[model]
-        return post.reshape(-1, post.shape[-2] * post.shape[-1]).index_select(0, self.counted_index)
+        """Post-activations at counted positions, flattened: [tokens, n_layers * d_mlp]."""
+        return self.counted_acts(model, "hook_post")
 
 
 class ActivationConsumer(Protocol):

@@ -253,6 +253,17 @@ LOGIT_BUDGET = 2**22
 METRIC_BLOCK = 2**17
 
 
+def final_logits(
+    resid: torch.Tensor, W_U: torch.Tensor, b_U: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final LN scale [..., 1] and the logits [..., d_vocab] of a final residual stream [..., d_model], for the
+    processed weights (LN folded into W_U: only centring and scaling remain)."""
+    centred = resid - resid.mean(dim=-1, keepdim=True)
+    scale = (centred.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt()
+    logits = torch.addmm(b_U, (centred / scale).reshape(-1, centred.shape[-1]), W_U)
+    return scale, logits.reshape(*centred.shape[:-1], -1)
+
+
 @torch.inference_mode()
 def entropy_intervention(
     model: Any,
@@ -287,10 +298,7 @@ def entropy_intervention(
         if shortcut:
             delta = chunk_values[:, None] - clean.post[rows, :, neuron]  # type: ignore[union-attr]
             resid = clean.resid_final[rows].float() + delta[..., None] * w_out  # type: ignore[union-attr]
-            centred = resid - resid.mean(dim=-1, keepdim=True)
-            scale = (centred.pow(2).mean(dim=-1, keepdim=True) + bridge.cfg.eps).sqrt()
-            logits = torch.addmm(b_U, (centred / scale).reshape(-1, centred.shape[-1]), W_U)
-            logits = logits.reshape(*centred.shape[:-1], -1)
+            scale, logits = final_logits(resid, W_U, b_U, bridge.cfg.eps)
         else:
             kept: dict[str, torch.Tensor] = {}
 
@@ -462,20 +470,15 @@ def analyse_model(model: Any, rows: torch.Tensor, config: RolesConfig) -> dict[s
 
 
 @torch.inference_mode()
-def nominal_metrics(model: Any, tokens: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
-    """The un-intervened means over the valid positions: the dashed reference lines of the paper's Fig. 7."""
+def nominal_metrics(model: Any, tokens: torch.Tensor, valid: torch.Tensor, clean: CleanRun) -> dict[str, float]:
+    """The un-intervened means over the valid positions (the dashed reference lines of the paper's Fig. 7), from
+    the clean run's final residual: no further forward pass."""
     bridge = model.bridge
     device = bridge.W_U.device
-    kept: dict[str, torch.Tensor] = {}
-
-    def keep(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        kept["scale"] = act
-        return act
-
     tokens, valid = tokens.to(device), valid.to(device)
-    logits = bridge.run_with_hooks(tokens, fwd_hooks=[("ln_final.hook_scale", keep)])
+    scale, logits = final_logits(clean.resid_final.float(), bridge.W_U.float(), bridge.b_U.float(), bridge.cfg.eps)
     targets = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
-    per_token = torch.cat([kept["scale"].float(), next_token_metrics(logits, targets)], dim=-1)[valid]
+    per_token = torch.cat([scale, next_token_metrics(logits, targets)], dim=-1)[valid]
     means = per_token.double().mean(dim=0).cpu().tolist()
     names = ("nominal_ln_scale", "nominal_entropy", "nominal_loss", "nominal_reciprocal_rank")
     return dict(zip(names, means, strict=True))
@@ -489,7 +492,7 @@ def _curve_rows(
     specials = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     valid = valid_positions(tokens, specials)
     clean = clean_run(model, tokens)
-    nominal = nominal_metrics(model, tokens, valid)
+    nominal = nominal_metrics(model, tokens, valid, clean)
     neurons = [(n, False) for n in candidates] + [(n, True) for n in baseline]
     for (layer, neuron), is_baseline in tqdm(neurons, desc=f"entropy {model.name}", leave=False):
         curve = entropy_intervention(

@@ -98,8 +98,7 @@ def counted_activations(batch: ActivationBatch, model: str, hook: str) -> Counte
     """
     cache = batch.__dict__.setdefault("_counted_activations", {})
     if (model, hook) not in cache:
-        acts = getattr(batch, hook)[model]  # [batch, pos, n_layers, d_mlp]
-        x = acts.reshape(-1, acts.shape[-2] * acts.shape[-1]).index_select(0, batch.counted_index)
+        x = batch.counted_acts(model, hook)  # [tokens, n_layers * d_mlp], shared with the correlation engine
         x64 = x.double()
         x2 = x64 * x64
         ones = torch.ones(1, x.shape[0], dtype=torch.float64, device=x.device)
