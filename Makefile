@@ -23,10 +23,12 @@ $(BIN)/universal-neurons: pyproject.toml
 
 install: $(BIN)/universal-neurons
 
-# Resumable: re-running continues an interrupted precompute, and does nothing once the run is complete.
+# Resumable: re-running continues an interrupted precompute, and does nothing once the run is complete; then the
+# paper's published GPT-2 and Pythia tables join the atlas as published runs (idempotent).
 precompute-demo: install
 	mkdir -p $(dir $(DEMO_DB))
 	$(BIN)/universal-neurons precompute --db $(DEMO_DB) --tokens $(DEMO_TOKENS) --threshold $(DEMO_THRESHOLD) $(DEMO_MODELS)
+	$(BIN)/universal-neurons import-paper --db $(DEMO_DB)
 
 demo: precompute-demo
 	$(BIN)/universal-neurons serve --db $(DEMO_DB) --host $(HOST) --port $(PORT)
@@ -37,11 +39,12 @@ serve: install
 # The whole suite, offline. pytest exits 5 when a selection collects nothing: that is not a failure here.
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check precompute app bench tests
+	$(BIN)/ruff format --check precompute app cli bench tests
 
 bench: install
 	$(BIN)/python bench/correlation.py

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 from app.errors import QueryTimeout
@@ -24,11 +24,14 @@ from app.errors import QueryTimeout
 PROGRESS_STEPS = 1000
 
 
+Row = TypeVar("Row")
+
+
 @dataclass
-class Capped:
+class Capped(Generic[Row]):
     """Rows of a capped query and whether more existed."""
 
-    rows: list[sqlite3.Row]
+    rows: list[Row]
     truncated: bool
 
 
@@ -95,7 +98,7 @@ class Database:
                 return
 
 
-def fetch_capped(conn: sqlite3.Connection, sql: str, params: Sequence[Any], cap: int) -> Capped:
-    """Run a query with ``LIMIT cap + 1`` appended and report whether rows were left out."""
-    rows = conn.execute(f"{sql} LIMIT ?", (*params, cap + 1)).fetchall()
+def fetch_capped(conn: sqlite3.Connection, sql: str, params: Sequence[Any], cap: int) -> Capped[tuple[Any, ...]]:
+    """Run a query with ``LIMIT cap + 1`` appended and report whether rows were left out (rows as tuples)."""
+    rows = [tuple(row) for row in conn.execute(f"{sql} LIMIT ?", (*params, cap + 1)).fetchmany(cap + 1)]
     return Capped(rows[:cap], len(rows) > cap)

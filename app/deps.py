@@ -1,19 +1,19 @@
 """Annotated dependencies: app state, a read-only connection, the run in scope (and the universality threshold
-it is looked at with), model and neuron lookups (404).
+it is looked at with), model and neuron lookups (404), and the view contexts that builders take.
 
-A lookup that can fail is a dependency, so routes never repeat the checks: a route that takes `NeuronDep` only
-runs for a neuron that exists in a model of a complete run.
+A lookup that can fail is a dependency, so routes never repeat the checks: a route that takes `NeuronDep` (or
+`NeuronViewDep`) only runs for a neuron that exists in a model of a complete run.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Path, Query, Request
-from pydantic import BeforeValidator, Field
+from pydantic import Field
 
 from app.db import Database
 from app.errors import NotFound
@@ -24,6 +24,7 @@ from app.queries import vocab as vq
 from app.queries.models import Model
 from app.settings import Settings
 from app.urls import Scope, neuron_label
+from app.viewmodels.context import ModelViewContext, NeuronViewContext
 
 T = TypeVar("T")
 
@@ -78,19 +79,11 @@ async def get_conn(state: StateDep) -> AsyncIterator[sqlite3.Connection]:
 ConnDep = Annotated[sqlite3.Connection, Depends(get_conn)]
 
 
-def _empty_as_none(value: object) -> object:
-    """HTML forms send a field left empty as ``name=``; that means the parameter is absent."""
-    return None if value == "" else value
-
-
-#: Put on optional query parameters that plain HTML forms send (the explorer's filters, the threshold).
-EmptyAsNone = BeforeValidator(_empty_as_none)
-
 #: The universality threshold (paper: 0.5). An excess correlation lies in [-2, 2]; [-1, 2] covers every useful cut.
+#: Forms always send a value (the fields are required), so ``threshold=`` is refused like any non-number (issue 8).
 Threshold = Annotated[float, Field(ge=-1, le=2, allow_inf_nan=False)]
 ThresholdQuery = Annotated[
     Threshold | None,
-    EmptyAsNone,
     Query(
         description="Excess correlation above which a neuron counts as universal: a finite number in [-1, 2]; "
         "default: the run's threshold"
@@ -98,40 +91,98 @@ ThresholdQuery = Annotated[
 ]
 
 
-async def get_scope(
-    state: StateDep,
-    conn: ConnDep,
-    run: Annotated[
-        int | None,
-        Query(ge=1, le=2**31, description="Run id; default: the newest complete run"),
-    ] = None,
-    threshold: ThresholdQuery = None,
-) -> Scope:
-    runs = rq.run_states(conn)
-    newest = next((r for r in runs if r.status == "complete"), None)
-    if run is None:
-        if newest is None:
-            raise NotFound("the atlas file has no complete run yet")
-        chosen = newest
-    else:
+RunQuery = Annotated[
+    int | None,
+    Query(
+        ge=1,
+        le=2**31,
+        description="Run id; default: the newest complete run (on a model's pages: the newest that has the model)",
+    ),
+]
+
+
+def default_runs(state: AppState, conn: sqlite3.Connection, runs: Sequence[rq.RunState]) -> dict[str, int]:
+    """Model name -> the newest complete run that has it (what a bare model URL means), cached per set of runs."""
+    key = ("default-runs", tuple((r.id, r.content_hash) for r in runs if r.status == "complete"))
+    found = state.cache.get(key)
+    if found is None:
+        found = rq.newest_runs_by_model(conn)
+        state.cache.put(key, found)
+    return found
+
+
+def choose_run(
+    runs: Sequence[rq.RunState], defaults: dict[str, int], run: int | None, model: str | None = None
+) -> rq.RunState:
+    """The run a request means: `run` when given (it must be complete); else the newest complete run that has
+    `model`, or the newest complete run (also for a model no run has: its lookup then 404s naming the models).
+
+    Raises:
+        NotFound: no such run, a run that is not complete, or no complete run at all.
+    """
+    if run is not None:
         chosen = next((r for r in runs if r.id == run), None)
         if chosen is None:
             raise NotFound(f"no run {run}")
         if chosen.status != "complete":
             raise NotFound(f"run {run} is {chosen.status}; only complete runs can be browsed")
-    default = chosen is newest
-    # A complete run never changes (a re-finished run gets a new content hash), so its scope is cached.
-    key = ("scope", chosen.id, chosen.content_hash, default)
+        return chosen
+    newest = next((r for r in runs if r.status == "complete"), None)
+    if newest is None:
+        raise NotFound("the atlas file has no complete run yet")
+    owner = defaults.get(model) if model is not None else None
+    return next((r for r in runs if r.id == owner), newest)
+
+
+def load_scope(
+    state: AppState,
+    conn: sqlite3.Connection,
+    chosen: rq.RunState,
+    runs: Sequence[rq.RunState],
+    threshold: float | None = None,
+) -> Scope:
+    """The scope of a complete run: its record, its models, and which of their URLs need no ``?run=``."""
+    defaults = default_runs(state, conn, runs)
+    newest = next(r for r in runs if r.status == "complete")
+    # A complete run never changes (a re-finished run gets a new content hash), so its scope is cached; which of
+    # its models are the newest of their name depends on the other complete runs, which are part of the key.
+    others = tuple((r.id, r.content_hash) for r in runs if r.status == "complete")
+    key = ("scope", chosen.id, chosen.content_hash, others)
     scope = state.cache.get(key)
     if scope is None:
         full = rq.get_run(conn, chosen.id)
-        assert full is not None
-        scope = Scope(full, tuple(mq.models_of_run(conn, chosen.id)), default=default)
+        if full is None:  # deleted since the runs were listed
+            raise NotFound(f"no run {chosen.id}")
+        models = tuple(mq.models_of_run(conn, chosen.id))
+        names = frozenset(m.name for m in models if defaults.get(m.name) == chosen.id)
+        scope = Scope(full, models, default=chosen.id == newest.id, defaults=names)
         state.cache.put(key, scope)
     return scope.at_threshold(threshold)
 
 
+async def get_scope(
+    request: Request, state: StateDep, conn: ConnDep, run: RunQuery = None, threshold: ThresholdQuery = None
+) -> Scope:
+    # On a model's pages (the {model} path segment) a URL without ?run= means the newest complete run with it.
+    runs = rq.run_states(conn)
+    chosen = choose_run(runs, default_runs(state, conn, runs), run, request.path_params.get("model"))
+    return load_scope(state, conn, chosen, runs, threshold)
+
+
 ScopeDep = Annotated[Scope, Depends(get_scope)]
+
+
+async def get_search_scope(
+    request: Request, state: StateDep, conn: ConnDep, run: RunQuery = None, threshold: ThresholdQuery = None
+) -> Scope:
+    # A search in one model (?model=, validated by the route) means the newest complete run with it, like its pages.
+    runs = rq.run_states(conn)
+    chosen = choose_run(runs, default_runs(state, conn, runs), run, request.query_params.get("model") or None)
+    return load_scope(state, conn, chosen, runs, threshold)
+
+
+#: The run a search looks in.
+SearchScopeDep = Annotated[Scope, Depends(get_search_scope)]
 
 
 async def get_model(
@@ -146,6 +197,14 @@ async def get_model(
 
 
 ModelDep = Annotated[Model, Depends(get_model)]
+
+
+async def get_model_view(state: StateDep, conn: ConnDep, scope: ScopeDep, model: ModelDep) -> ModelViewContext:
+    return ModelViewContext(conn, scope, model, state.settings, state.vocab(conn, scope), state.live)
+
+
+#: What a builder about one model takes (live runs).
+ModelViewDep = Annotated[ModelViewContext, Depends(get_model_view)]
 
 
 @dataclass(frozen=True)
@@ -173,3 +232,12 @@ async def get_neuron(
 
 
 NeuronDep = Annotated[NeuronKey, Depends(get_neuron)]
+
+
+async def get_neuron_view(state: StateDep, conn: ConnDep, scope: ScopeDep, key: NeuronDep) -> NeuronViewContext:
+    vocab = state.vocab(conn, scope)
+    return NeuronViewContext(conn, scope, key.model, state.settings, vocab, state.live, key.layer, key.neuron)
+
+
+#: What the neuron page's builders take: the neuron (404 when it does not exist) and how it is looked at.
+NeuronViewDep = Annotated[NeuronViewContext, Depends(get_neuron_view)]

@@ -19,11 +19,13 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -32,6 +34,8 @@ from app.queries.models import Model
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -96,9 +100,23 @@ class LiveRunner:
 
     # --- input checks ---------------------------------------------------------------------------------
 
+    @staticmethod
+    def check_has_weights(models: Sequence[Model]) -> None:
+        """Refuse a model imported from the paper's tables before any slot is taken: it has no weights here."""
+        for model in models:
+            if model.published:
+                raise ServiceUnavailable(
+                    f"{model.name} of run {model.run_id} is the paper's published table: it has no weights to run "
+                    f"live; compute it with `universal-neurons precompute` to get live re-runs"
+                )
+
     def check_text(self, text: str) -> None:
-        """Refuse empty or oversized text before any model work."""
-        if not text.strip():
+        """Refuse empty or oversized text before any model work.
+
+        Blank text is refused by the request schemas (pattern ``\\S``), with their notion of white space; a second,
+        different test here would refuse some text that the schema promises to take (issue 8).
+        """
+        if not text:
             raise Unprocessable("text is empty")
         if len(text) > self.settings.live_max_chars:
             raise PayloadTooLarge(
@@ -113,6 +131,7 @@ class LiveRunner:
         self, model: Model, text: str, bos_id: int | None, models: Sequence[Model]
     ) -> tuple[tuple[int, ...], int]:
         """Token ids of `text` with BOS in front (as every precompute row starts), and how many were put in front."""
+        self.check_has_weights([model])
         self.check_text(text)
         loaded = self._call(lambda: self._load(model), self.settings.live_load_timeout_s, "loading the model")
         ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -131,20 +150,46 @@ class LiveRunner:
         """Activations of the requested neurons, memoised; raises 503 when busy, 504 past the time limit."""
         if not self.settings.live_enabled:
             raise ServiceUnavailable("live re-runs are disabled on this server (live_enabled = false)")
-        key = request.key()
+        return self.compute(request.key(), request.models, lambda: self._forward(request), "the live run")
+
+    def compute(self, key: Hashable, models: Sequence[Model], work: Callable[[], T], what: str) -> T:
+        """Any live model work within the same bounds as `run`, memoised under `key` (prefix it with its kind).
+
+        The models are loaded first (each within `live_load_timeout_s`); then `work` runs on the live executor in
+        one concurrency slot within `live_timeout_s` (503 busy, 504 past it). `work` reaches each model through
+        `using`, which holds the model for that thread alone while it runs (hooks attach to the model).
+        """
+        if not self.settings.live_enabled:
+            raise ServiceUnavailable("live re-runs are disabled on this server (live_enabled = false)")
+        self.check_has_weights(models)
         cached = self._results.get(key)
         if cached is not None:
-            return cached
-        for model in request.models:
+            return cast(T, cached)
+        for model in models:
             self._call(lambda m=model: self._load(m), self.settings.live_load_timeout_s, "loading the model")
-        result = self._call(lambda: self._forward(request), self.settings.live_timeout_s, "the live run")
+        result = self._call(work, self.settings.live_timeout_s, what)
         self._results.put(key, result)
-        return result
+        return cast(T, result)
+
+    @contextmanager
+    def using(self, model: Model) -> Iterator[Any]:
+        """The loaded model (`precompute.models.LoadedModel`), run by this thread alone until the block ends.
+
+        Call it inside `compute`'s work: a model evicted from the cache since `compute` loaded it is loaded again
+        in the same slot.
+        """
+        key = (model.source, model.tokenizer_hash)
+        loaded = self._models.get(key)
+        if loaded is None:
+            loaded = self._load(model)
+        with self._run_locks.setdefault(key, threading.Lock()):
+            yield loaded
 
     def vocab_effect(self, model: Model, layer: int, neuron: int) -> np.ndarray:
         """The neuron's direct effect on every logit, ``W_U·w_out`` (float32 [d_vocab]), from the loaded weights."""
         if not self.settings.live_enabled:
             raise ServiceUnavailable("live model access is disabled on this server (live_enabled = false)")
+        self.check_has_weights([model])
         key = ("vocab_effect", model.source, model.tokenizer_hash, layer, neuron)
         cached = self._results.get(key)
         if cached is not None:
@@ -197,10 +242,11 @@ class LiveRunner:
             try:
                 loaded = load_model(resolve_source(model.source), device=self.settings.device)
             except ModelLoadError as exc:
-                raise ServiceUnavailable(f"model {model.name!r} is not available for live runs: {exc}") from exc
+                reason = without_server_paths(str(exc), model)
+                raise ServiceUnavailable(f"model {model.name!r} is not available for live runs: {reason}") from exc
             if tokenizer_fingerprint(loaded.tokenizer) != model.tokenizer_hash:
                 raise ServiceUnavailable(
-                    f"model {model.name!r} at {model.source} has another tokenizer than the precompute used"
+                    f"model {model.name!r} ({model.public_source}) has another tokenizer than the precompute used"
                 )
             logger.info("live: loaded %s in %.1f s", model.name, time.perf_counter() - started)
             self._models.put(key, loaded)
@@ -227,16 +273,28 @@ class LiveRunner:
             batch[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         out = []
         for model, pairs in zip(request.models, request.neurons, strict=True):
-            loaded = self._models.get((model.source, model.tokenizer_hash))
-            if loaded is None:  # evicted between loading and running: load again (same slot)
-                loaded = self._load(model)
-            with self._run_locks.setdefault((model.source, model.tokenizer_hash), threading.Lock()):
+            with self.using(model) as loaded:
                 post = run_mlp_hooks(loaded, batch.to(self.settings.device), ("hook_post",))["hook_post"]
             layers = torch.tensor([p[0] for p in pairs], dtype=torch.long)
             units = torch.tensor([p[1] for p in pairs], dtype=torch.long)
             chosen = post[:, :, layers, units].float().cpu().numpy()  # [batch, pos, k]
             out.append(tuple(chosen[i, :length] for i, length in enumerate(lengths)))
         return LiveResult(tuple(out), time.perf_counter() - started)
+
+
+def without_server_paths(message: str, model: Model) -> str:
+    """A loader's message with the model's folder named by `Model.public_source`, never by its server path.
+
+    >>> from types import SimpleNamespace
+    >>> model = SimpleNamespace(source="/srv/m/seed-1", public_source="seed-1")
+    >>> without_server_paths("no model folder '/srv/m/seed-1'", model)
+    "no model folder 'seed-1'"
+    """
+    source = Path(model.source).expanduser()
+    for path in sorted({model.source, str(source), str(source.resolve())}, key=len, reverse=True):
+        if path not in (".", ""):
+            message = message.replace(path, model.public_source)
+    return message
 
 
 def check_vocab_ids(rows: Sequence[Sequence[int]], d_vocab: int) -> None:

@@ -7,7 +7,15 @@ JSON islands that static/app.js hands to Plotly. Plain dicts (not plotly.graph_o
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # the view models are only annotations here: plots stay importable without them
+    from app.viewmodels.compare import ComparePage
+    from app.viewmodels.explorer import ScatterData
+    from app.viewmodels.index import ModelOverview
+    from app.viewmodels.labels import PathAblationData, RolesPanel
+    from app.viewmodels.neuron import UniversalityPanel
+    from app.viewmodels.stats import HistogramData, PositionProfileData, VocabHistogram
 
 POSITIVE = "#2166ac"  # blue: positive activations (CircuitsVis' diverging convention)
 NEGATIVE = "#b2182b"  # red: negative
@@ -37,7 +45,7 @@ def _centers(edges: list[float]) -> list[float]:
     return [round((a + b) / 2, 6) for a, b in itertools.pairwise(edges)]
 
 
-def layer_counts(overview: Any) -> dict[str, Any]:
+def layer_counts(overview: ModelOverview) -> dict[str, Any]:
     layers = overview.layers
     data = [
         {
@@ -63,7 +71,46 @@ def layer_counts(overview: Any) -> dict[str, Any]:
     )
 
 
-def _extent(distributions: list[Any], pad: float = 0.02) -> tuple[float, float] | None:
+def compare_layers(page: ComparePage) -> dict[str, Any]:
+    """Universal neurons per layer in run A, run B and both, side by side (issue 7)."""
+    layers = page.layers
+    x = [c.layer for c in layers]
+    a = page.a.spec if page.a else "A"
+    b = page.b.spec if page.b else "B"
+    data = [
+        {"type": "bar", "name": f"A: {a}", "x": x, "y": [c.universal_a for c in layers], "marker": {"color": POSITIVE}},
+        {
+            "type": "bar",
+            "name": f"B: {b}",
+            "x": x,
+            "y": [c.universal_b for c in layers],
+            "marker": {"color": "#f58518"},
+        },
+        {"type": "bar", "name": "both", "x": x, "y": [c.universal_both for c in layers], "marker": {"color": GREY}},
+    ]
+    return figure(
+        data,
+        _layout(
+            280,
+            barmode="group",
+            xaxis={"title": {"text": "layer"}, "dtick": 1},
+            yaxis={"title": {"text": "universal neurons"}},
+            margin={"l": 48, "r": 12, "t": 48, "b": 40},
+        ),
+    )
+
+
+class Binned(Protocol):
+    """A histogram with fixed edges: len(bin_edges) == len(counts) + 1."""
+
+    @property
+    def bin_edges(self) -> list[float]: ...
+
+    @property
+    def counts(self) -> list[int]: ...
+
+
+def _extent(distributions: list[Binned], pad: float = 0.02) -> tuple[float, float] | None:
     """From the first to the last non-empty bin over all the histograms (None when they are all empty).
 
     >>> class D: bin_edges, counts = [-1.0, -0.5, 0.0, 0.5, 1.0], [0, 3, 0, 1]
@@ -81,13 +128,13 @@ def _extent(distributions: list[Any], pad: float = 0.02) -> tuple[float, float] 
     return round(min(lows) - pad, 6), round(max(highs) + pad, 6)
 
 
-def universality_distributions(overview: Any) -> dict[str, Any]:
+def universality_distributions(overview: ModelOverview) -> dict[str, Any]:
     """Paper Fig. 2a: max correlation, rotated baseline and excess, overlaid; the whole range of the data is shown
     and a dashed line marks the universality threshold in effect (``overview.threshold``)."""
     names = {"mean_corr": "mean max-corr", "mean_baseline": "mean baseline", "excess_corr": "excess"}
     colors = {"mean_corr": POSITIVE, "mean_baseline": GREY, "excess_corr": "#f58518"}
     data = []
-    shown = []
+    shown: list[Binned] = []
     for quantity, label in names.items():
         dist = overview.distributions.get(quantity)
         if dist is None:
@@ -139,8 +186,9 @@ def universality_distributions(overview: Any) -> dict[str, Any]:
     return figure(data, layout)
 
 
-def partner_bars(page: Any) -> dict[str, Any]:
-    partners = page.partners
+def partner_bars(universality: UniversalityPanel) -> dict[str, Any]:
+    """ρ with the twin against the rotated baseline, per partner; the dotted line is the mean baseline."""
+    partners = universality.partners
     x = [p.model for p in partners]
     data = [
         {"type": "bar", "name": "ρ with twin", "x": x, "y": [p.corr for p in partners], "marker": {"color": POSITIVE}},
@@ -159,15 +207,15 @@ def partner_bars(page: Any) -> dict[str, Any]:
             "xref": "paper",
             "x0": 0,
             "x1": 1,
-            "y0": page.mean_baseline or 0,
-            "y1": page.mean_baseline or 0,
+            "y0": universality.mean_baseline or 0,
+            "y1": universality.mean_baseline or 0,
             "line": {"dash": "dot", "color": GREY, "width": 1},
         }
     ]
     return figure(data, layout)
 
 
-def activation_histogram(hist: Any) -> dict[str, Any]:
+def activation_histogram(hist: HistogramData) -> dict[str, Any]:
     n = len(hist.counts)
     width = (hist.high - hist.low) / n if n else 1
     centers = [round(hist.low + (i + 0.5) * width, 6) for i in range(n)]
@@ -208,7 +256,7 @@ def activation_histogram(hist: Any) -> dict[str, Any]:
     )
 
 
-def vocab_histogram(hist: Any) -> dict[str, Any]:
+def vocab_histogram(hist: VocabHistogram) -> dict[str, Any]:
     """Paper Fig. 5 style: how many tokens get each direct logit effect (log y: the tails are what matter)."""
     centers = _centers(hist.bin_edges)
     colors = [NEGATIVE if c < 0 else POSITIVE for c in centers]
@@ -229,11 +277,11 @@ def vocab_histogram(hist: Any) -> dict[str, Any]:
     )
 
 
-def position_profile(profile: Any) -> dict[str, Any]:
+def position_profile(profile: PositionProfileData) -> dict[str, Any]:
     x = list(range(len(profile.mean)))
     upper = [m + s for m, s in zip(profile.mean, profile.std, strict=True)]
     lower = [m - s for m, s in zip(profile.mean, profile.std, strict=True)]
-    data = [
+    data: list[dict[str, Any]] = [
         {
             "type": "scatter",
             "mode": "lines",
@@ -305,7 +353,7 @@ def percentile_bars(percentiles: dict[str, float], title: str) -> dict[str, Any]
     return figure(data, layout)
 
 
-def entropy_curves(roles: Any) -> dict[str, Any]:
+def entropy_curves(roles: RolesPanel) -> dict[str, Any]:
     """Paper Fig. 7: LN scale, entropy, loss and reciprocal rank against the fixed activation, for this neuron and
     the mean of the model's random baseline neurons (2 × 2 small multiples)."""
     own = roles.entropy_interventions
@@ -373,7 +421,7 @@ def entropy_curves(roles: Any) -> dict[str, Any]:
     return figure(data, layout)
 
 
-def path_ablation(path: Any) -> dict[str, Any]:
+def path_ablation(path: PathAblationData) -> dict[str, Any]:
     pts = path.points
     data = [
         {
@@ -403,7 +451,7 @@ def path_ablation(path: Any) -> dict[str, Any]:
     return figure(data, layout)
 
 
-def scatter(data: Any, labels: dict[str, str]) -> dict[str, Any]:
+def scatter(data: ScatterData, labels: dict[str, str]) -> dict[str, Any]:
     """The explorer scatter; categorical colours get one trace per category, numeric ones a colour scale."""
     custom = [[layer, neuron] for layer, neuron in zip(data.layer, data.neuron, strict=True)]
     hover = "L%{customdata[0]}N%{customdata[1]}<br>x=%{x:.3f}<br>y=%{y:.3f}<extra></extra>"

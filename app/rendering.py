@@ -24,7 +24,8 @@ _list_adapters: dict[type, TypeAdapter] = {}
 
 
 def etag(scope: Scope) -> str:
-    return f'W/"{scope.run.content_hash or scope.run.id}-{BOOT_ID}"'
+    """The run's content hash, what its links depend on (`Scope.links_key`), and this process's id."""
+    return f'W/"{scope.run.content_hash or scope.run.id}{scope.links_key}-{BOOT_ID}"'
 
 
 def not_modified(request: Request, tag: str) -> Response | None:

@@ -36,7 +36,10 @@ class Settings(BaseSettings):
         1000, ge=10, le=60_000, description="Deadline of the SQL work of one request (progress-handler limit)."
     )
     export_time_limit_ms: int = Field(
-        10_000, ge=10, le=600_000, description="Deadline of the SQL work of a CSV export."
+        10_000,
+        ge=10,
+        le=600_000,
+        description="Deadline of the SQL work of a CSV export, and of a comparison of two runs (/compare).",
     )
     max_rows: int = Field(1000, ge=1, le=100_000, description="Most rows one list request returns (`limit` cap).")
     max_export_rows: int = Field(

@@ -18,9 +18,10 @@ import jinja2
 from fastapi.templating import Jinja2Templates
 
 from app import plots
+from precompute.paths import package_folder
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+TEMPLATES_DIR = package_folder(Path(__file__).resolve().parent, "templates", "templates")
+STATIC_DIR = package_folder(Path(__file__).resolve().parent, "static", "static")
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\ufeff]")
 _VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from precompute.cli import main as cli_main
+from cli.main import main as cli_main
 
 SHIPPED = sorted(str(p) for p in Path("zoo/stdlib-tiny").glob("seed-*"))
 

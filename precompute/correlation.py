@@ -6,13 +6,18 @@ S and sums of squares Q, and each model's within-layer Gram matrices G_l = Σ_t 
 at the end, ρ_ij = (P_ij − S_i S_j / n) / (σ_i σ_j) exactly as the paper's ``StreamingPearsonComputer`` (paper-spec
 §2.2), and the baseline against a random rotation R_l of each partner layer (§2.3) follows without a second
 pass: the rotated units R_l y_l have cross products P R_lᵀ and variances diag(R_l G̃_l R_lᵀ). One GEMM per batch
-and model pair, and one batched GEMM per model for the Gram matrices, is all the per-token work.
+and model pair, and one GEMM per layer for the Gram matrices, is all the per-token work.
 
 Numerics (paper-spec §7.3 pitfalls 1-2): every model's activations are shifted by a pilot mean (the first
 batch's) before anything is summed, so the raw-moment formula does not cancel catastrophically; per-batch
 products are computed in the chosen precision (float32 on the CPU, bf16 or TF32 operands with fp32 results on a
-GPU) and summed into float64 (CPU) or float32 (GPU) accumulators. Memory is bounded by splitting each pair into
-blocks of whole layers of model a; blocks that do not fit together run in further passes over the same rows.
+GPU) and summed into float64 (CPU) or float32 (GPU) accumulators.
+
+Memory (issue 11) is bounded by splitting each pair into blocks of whole layers of model a; blocks that do not
+fit together run in further passes over the same rows (`CorrelationPlan.memory` says what each moment holds).
+Around the accumulators nothing is large: a batch is read in chunks of tokens, products reach the accumulators
+in blocks of at most `precompute.memory.CHUNK_BYTES`, the Gram matrices are freed as soon as the first pass has
+given the rotated units' spreads, and a pass is closed one [d_a, d_b] tile of layers at a time.
 
 Both directions of a pair come from one accumulator: rows give a→b, columns give b→a (merged across blocks).
 """
@@ -21,13 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
 from precompute.activations import ActivationBatch, HookKind
+from precompute.memory import StageMemory, chunk_bytes, chunk_rows
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +62,9 @@ class CorrelationConfig:
         top_k: how many best partner neurons to keep per neuron and partner model.
         precision: products per batch: float64, float32 (CPU default), tf32 or bfloat16 (CUDA default).
         reference_only: correlate the first model with each other model only, instead of all pairs.
-        memory_budget_gb: bytes for the cross-product accumulators; None picks a share of free memory.
+        memory_budget_gb: the run's memory budget in GiB: a precompute plans every stage under it
+            (`precompute.memory`); the engine on its own (benchmarks, tests) packs its accumulators under it.
+            None picks a share of the memory available.
     """
 
     baseline: BaselineKind = "gaussian"
@@ -104,6 +113,11 @@ class LayerBlock:
     layer_stop: int
 
 
+def block_entries(shapes: Sequence[ModelShape], block: LayerBlock) -> int:
+    """How many numbers a block's accumulator holds: its rows of model a times every neuron of model b."""
+    return (block.layer_stop - block.layer_start) * shapes[block.a].d_mlp * shapes[block.b].n_neurons
+
+
 @dataclass
 class PartnerResult:
     """For every neuron of a model x, its best matches in partner y and its best rotated-baseline unit."""
@@ -138,19 +152,26 @@ class PartnerResult:
 
 
 @dataclass
-class StreamingMoments:
-    """Per-model running sums over counted tokens, of activations shifted by a pilot mean."""
+class ShiftedGramSums:
+    """Per-model running sums over counted tokens of activations shifted by a pilot mean, with within-layer Gram
+    matrices (the moments the correlations and the rotated baseline need).
+
+    A layer's Gram matrix is only needed for the spread of its rotated units: it is gathered in the pass whose
+    closing first needs that spread (`CorrelationPlan.gram_passes`; every pass streams every row), then the spread
+    is computed (`CorrelationEngine.rotated_std`), the diagonal is kept as the layer's sums of squares and the
+    matrix is freed.
+    """
 
     shift: torch.Tensor | None = None  # [n_neurons] float32, the first batch's mean
     count: int = 0
     total: torch.Tensor | None = None  # [n_neurons] float64: Σ (x - shift)
-    gram: torch.Tensor | None = None  # [n_layers, d_mlp, d_mlp] float64 (float32 on CUDA): Σ x_l x_lᵀ
+    gram: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [d_mlp, d_mlp] float64: Σ x_l x_lᵀ
+    squares: torch.Tensor | None = None  # [n_neurons] float64: Σ (x - shift)², NaN until the layer's Gram closes
 
     def variance_sums(self) -> torch.Tensor:
         """Σ (x - mean)² per neuron (n times the population variance); Σ x² is the Gram diagonal."""
-        assert self.total is not None and self.gram is not None
-        total_sq = self.gram.diagonal(dim1=1, dim2=2).reshape(-1).double()
-        return (total_sq - self.total.square() / self.count).clamp_min(0)
+        assert self.total is not None and self.squares is not None
+        return (self.squares - self.total.square() / self.count).clamp_min(0)
 
 
 def bf16_matmul_fp32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -233,16 +254,150 @@ def plan_passes(
     return passes
 
 
+def pack_into_passes(
+    shapes: Sequence[ModelShape], pairs: Sequence[tuple[int, int]], n_passes: int, bytes_per_entry: int
+) -> list[list[LayerBlock]]:
+    """The passes with the smallest accumulators that hold every block in at most ``n_passes`` passes (fewer when
+    there are fewer layer blocks than that).
+
+    >>> shapes = [ModelShape("a", 4, 2), ModelShape("b", 4, 2)]
+    >>> [[(b.layer_start, b.layer_stop) for b in p] for p in pack_into_passes(shapes, [(0, 1)], 2, 8)]
+    [[(0, 2)], [(2, 4)]]
+    """
+    layer_bytes = [shapes[a].d_mlp * shapes[b].n_neurons * bytes_per_entry for a, b in pairs]
+    low = max(layer_bytes, default=1)  # the budget of one whole layer: the most passes any packing makes
+    high = sum(size * shapes[a].n_layers for size, (a, _) in zip(layer_bytes, pairs, strict=True)) or 1
+    while low < high:  # the least budget whose packing makes at most n_passes passes
+        middle = (low + high) // 2
+        if len(plan_passes(shapes, pairs, middle, bytes_per_entry)) <= n_passes:
+            high = middle
+        else:
+            low = middle + 1
+    return plan_passes(shapes, pairs, low, bytes_per_entry)
+
+
 def default_budget_bytes(device: torch.device) -> int:
-    """A quarter of free host memory on the CPU, half the free GPU memory on CUDA (the rest holds a batch's
-    activations and their bf16 copies: about 3 GB per GPT2-small model at 12,288 tokens)."""
+    """The engine on its own (benchmarks, tests): a quarter of free host memory on the CPU, half the free GPU memory
+    on CUDA. A precompute plans its passes with every other stage under the run's budget (`precompute.memory`)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * 0.5)
-    import os
-
     pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return int(pages * 0.25)
+
+
+def _operand_bytes(precision: Precision) -> int:
+    """Bytes per activation the engine holds for each chunk of tokens: float32, plus the operand copy."""
+    return 4 + {"float64": 8, "float32": 0, "tf32": 0, "bfloat16": 2}[precision]
+
+
+@dataclass(frozen=True)
+class CorrelationPlan:
+    """What the engine will do and hold, decided before any work: precision, model pairs, passes of blocks, and
+    whether the rotations are kept between uses (a run in one pass keeps them; a split run draws them again)."""
+
+    shapes: tuple[ModelShape, ...]
+    precision: Precision
+    accumulator_dtype: torch.dtype
+    pairs: list[tuple[int, int]]
+    passes: list[list[LayerBlock]]
+    top_k: int
+
+    @property
+    def keep_rotations(self) -> bool:
+        return len(self.passes) <= 1
+
+    def gram_passes(self) -> dict[tuple[int, int], int]:
+        """(model, layer) -> the pass whose closing first needs the spreads of the layer's rotated units: the
+        layer's Gram matrix is gathered in that pass only. A block needs every layer of its partner model b and
+        its own layers of model a, so a split run spreads model a's Gram matrices over its passes.
+
+        >>> plan = plan_correlations([ModelShape("a", 2, 4), ModelShape("b", 2, 4)], CorrelationConfig(),
+        ...                          torch.device("cpu"), n_passes=2)
+        >>> plan.gram_passes()
+        {(0, 0): 0, (1, 0): 0, (1, 1): 0, (0, 1): 1}
+        """
+        first: dict[tuple[int, int], int] = {}
+        for index, blocks in enumerate(self.passes):
+            for block in blocks:
+                for layer in range(block.layer_start, block.layer_stop):
+                    first.setdefault((block.a, layer), index)
+                for layer in range(self.shapes[block.b].n_layers):
+                    first.setdefault((block.b, layer), index)
+        return first
+
+    def memory(self, batch_tokens: int) -> StageMemory:
+        """The engine's memory from the shapes (bytes), moment by moment.
+
+        - streaming: the largest pass's accumulators with the Gram matrices that pass gathers, every model's shift,
+          sums, sums of squares and rotated spreads, the results of both directions of every pair; per batch, a
+          chunk of every model's operands and one GEMM output block;
+        - closing a pass: the rotations (all of them when kept, else one model's or one block's layers, whichever
+          is fewer, and one more layer) and three [d_a, d_b] float64 tiles;
+        - after the last pass: the results, the sums and spreads.
+        """
+        entry = self.accumulator_dtype.itemsize
+        firsts = self.gram_passes()
+        accumulators = [sum(block_entries(self.shapes, b) for b in blocks) * entry for blocks in self.passes]
+        grams = [
+            sum(self.shapes[m].d_mlp ** 2 * entry for (m, _), first in firsts.items() if first == index)
+            for index in range(len(self.passes))
+        ]
+        state = max((a + g for a, g in zip(accumulators, grams, strict=True)), default=0)
+        small = sum(s.n_neurons * (4 + 8 + 8 + 8) for s in self.shapes)  # shift, sums, squares, rotated spreads
+        for a, b in self.pairs:
+            for x in (a, b):  # top-k correlations and indices, best rotated unit and its index: 8 bytes each
+                small += self.shapes[x].n_neurons * (2 * self.top_k + 2) * 8
+        n_all = sum(s.n_neurons for s in self.shapes)
+        update = chunk_bytes(batch_tokens, n_all, _operand_bytes(self.precision))  # every model's operands
+        if self.precision != "float64":  # products in float32 reach the float64 accumulators a block at a time
+            blocks = [(b.layer_stop - b.layer_start) * self.shapes[b.a].d_mlp for p in self.passes for b in p]
+            widest = max((s.n_neurons for s in self.shapes), default=0)
+            update += chunk_bytes(max(blocks, default=0), widest, 4)
+        square = max((s.d_mlp * s.d_mlp * 8 for s in self.shapes), default=0)
+        spreads = 4 * square  # first pass: one rotation, the centred Gram matrix and two products of them
+        if self.keep_rotations:
+            rotations = sum(s.n_layers * s.d_mlp * s.d_mlp * 8 for s in self.shapes)
+        else:
+            rotations = max(
+                (
+                    min(b.layer_stop - b.layer_start, self.shapes[b.b].n_layers) * square + square
+                    for p in self.passes
+                    for b in p
+                ),
+                default=0,
+            )
+        tiles = 3 * square
+        # closing pass p: its Gram matrices become spreads (one rotation at a time), then are freed for the tiles
+        closing = max(
+            (a + max(g + spreads, rotations + tiles) for a, g in zip(accumulators, grams, strict=True)), default=0
+        )
+        return StageMemory(state=state + small, update=update, finish=max(0, closing - state), written=small)
+
+
+def plan_correlations(
+    shapes: Sequence[ModelShape], config: CorrelationConfig, device: torch.device, n_passes: int | None = None
+) -> CorrelationPlan:
+    """The pairs, precision and passes the engine will use for these models.
+
+    Args:
+        n_passes: pack the accumulators into at most this many passes (the run's memory plan decides); None:
+            pack them under ``config.memory_budget_gb``, or a share of free memory (the engine on its own).
+    """
+    precision = config.resolved_precision(device)
+    # The GPU precisions accumulate in float32: float64 adds would double the memory traffic per batch.
+    accumulator_dtype = torch.float32 if precision in ("tf32", "bfloat16") else torch.float64
+    pairs = model_pairs(len(shapes), config.reference_only)
+    if n_passes is not None:
+        passes = pack_into_passes(shapes, pairs, n_passes, accumulator_dtype.itemsize)
+    else:
+        budget = (
+            int(config.memory_budget_gb * 2**30)
+            if config.memory_budget_gb is not None
+            else default_budget_bytes(device)
+        )
+        passes = plan_passes(shapes, pairs, budget, accumulator_dtype.itemsize)
+    return CorrelationPlan(tuple(shapes), precision, accumulator_dtype, pairs, passes, config.top_k)
 
 
 class CorrelationEngine:
@@ -255,31 +410,33 @@ class CorrelationEngine:
 
     hooks: frozenset[HookKind] = frozenset({"hook_post"})
 
-    def __init__(self, shapes: Sequence[ModelShape], config: CorrelationConfig, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        shapes: Sequence[ModelShape],
+        config: CorrelationConfig,
+        device: str = "cpu",
+        n_passes: int | None = None,
+    ) -> None:
         self.shapes = list(shapes)
         self.config = config
         self.device = torch.device(device)
-        self.precision = config.resolved_precision(self.device)
-        # The GPU precisions accumulate in float32: float64 adds would double the memory traffic per batch.
-        gpu_style = self.precision in ("tf32", "bfloat16")
-        self.accumulator_dtype = torch.float32 if gpu_style else torch.float64
-        self.pairs = model_pairs(len(shapes), config.reference_only)
-        budget = (
-            int(config.memory_budget_gb * 2**30)
-            if config.memory_budget_gb is not None
-            else default_budget_bytes(self.device)
-        )
-        entry_bytes = torch.tensor([], dtype=self.accumulator_dtype).element_size()
-        self.passes = plan_passes(self.shapes, self.pairs, budget, entry_bytes)
+        plan = plan_correlations(self.shapes, config, self.device, n_passes)
+        self.plan = plan
+        self.precision = plan.precision
+        self.accumulator_dtype = plan.accumulator_dtype
+        self.pairs = plan.pairs
+        self.passes = plan.passes
         self.pass_index = 0
-        self.moments = [StreamingMoments() for _ in shapes]
+        self.moments = [ShiftedGramSums() for _ in shapes]
         self.accumulators: dict[LayerBlock, torch.Tensor] = {}
         self.results: dict[tuple[int, int], PartnerResult] = {}
         for a, b in self.pairs:
             self.results[(a, b)] = PartnerResult.empty(shapes[a].n_neurons, config.top_k)
             self.results[(b, a)] = PartnerResult.empty(shapes[b].n_neurons, config.top_k)
-        self._rotated_std: dict[tuple[int, int], torch.Tensor] = {}
-        self._rotations: dict[tuple[int, int], torch.Tensor] = {}
+        self.rotated_std: dict[tuple[int, int], torch.Tensor] = {}  # (model, layer) -> spread of each rotated unit
+        self.gram_passes = plan.gram_passes()
+        self._pass_rows = 0  # tokens folded into this pass's accumulators
+        self._rotations: dict[tuple[int, int], torch.Tensor] = {}  # kept only when the plan keeps them
         if self.precision == "tf32":
             torch.backends.cuda.matmul.allow_tf32 = True
         self._allocate_pass()
@@ -312,59 +469,82 @@ class CorrelationEngine:
         return x
 
     def _products(self, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> None:
-        """out += leftᵀ right for operands in the engine's precision ([..., tokens, m] and [..., tokens, n])."""
-        left_t = left.transpose(-2, -1)
-        if self.precision == "bfloat16":
-            out.add_(bf16_matmul_fp32(left_t, right))
-        elif out.dtype == left.dtype:
-            out.baddbmm_(left_t, right) if out.dim() == 3 else out.addmm_(left_t, right)
-        else:
-            out.add_(left_t @ right)
+        """out += leftᵀ right for operands in the engine's precision ([tokens, m] and [tokens, n]).
+
+        When the products' dtype is not the accumulator's, they are made in blocks of rows of ``out`` of at most
+        `CHUNK_BYTES` (a whole product block is as large as the accumulator block).
+        """
+        left_t = left.transpose(0, 1)
+        if self.precision != "bfloat16" and out.dtype == left.dtype:
+            out.addmm_(left_t, right)
+            return
+        step = chunk_rows(out.shape[1], 4)
+        for start in range(0, out.shape[0], step):
+            rows = slice(start, start + step)
+            if self.precision == "bfloat16":
+                out[rows].add_(bf16_matmul_fp32(left_t[rows], right))
+            else:
+                out[rows].add_(left_t[rows] @ right)
 
     def update(self, batch: ActivationBatch) -> None:
-        """Fold one batch into the current pass's accumulators (and, in pass 0, into the moments)."""
+        """Fold one batch into the current pass's accumulators (and, in pass 0, into the moments).
+
+        The counted tokens are read in chunks (`ActivationBatch.counted_rows`): a chunk of every model's shifted
+        operands is all the per-token memory the engine adds to the batch.
+        """
         if self.done:
             raise CorrelationError("all passes are finished")
-        centred: list[torch.Tensor] = []
-        for index, shape in enumerate(self.shapes):
-            x = batch.counted_post(shape.name).to(self.device, torch.float32)  # [tokens, n_neurons]
-            moments = self.moments[index]
-            if moments.shift is None:
-                if x.shape[0] == 0:
-                    return
-                moments.shift = x.mean(dim=0)
-            centred.append(x - moments.shift)
-        if centred[0].shape[0] == 0:
+        n_tokens = batch.n_counted
+        if n_tokens == 0:
             return
-        operands = [self._operand(x) for x in centred]
-        if self.pass_index == 0:
+        self._pass_rows += n_tokens
+        for index, shape in enumerate(self.shapes):
+            moments = self.moments[index]
+            if moments.shift is None:  # the pilot: the first batch's mean
+                total = torch.zeros(shape.n_neurons, dtype=torch.float64, device=self.device)
+                for _, x in batch.counted_chunks(shape.name, "hook_post", itemsize=4):
+                    total += x.to(self.device, torch.float32).sum(0, dtype=torch.float64)
+                moments.shift = (total / n_tokens).float()
+        shifts = [m.shift for m in self.moments if m.shift is not None]
+        n_all = sum(shape.n_neurons for shape in self.shapes)
+        step = chunk_rows(n_all, _operand_bytes(self.precision))
+        for start in range(0, n_tokens, step):
+            tokens = slice(start, min(start + step, n_tokens))
+            operands = []
+            for shape, shift in zip(self.shapes, shifts, strict=True):
+                x = batch.counted_rows(shape.name, "hook_post", tokens).to(self.device, torch.float32)
+                operands.append(self._operand(x.sub_(shift)))
             for index, shape in enumerate(self.shapes):
-                self._update_moments(self.moments[index], shape, operands[index])
-        for block, accumulator in self.accumulators.items():
-            d_a = self.shapes[block.a].d_mlp
-            left = operands[block.a][:, block.layer_start * d_a : block.layer_stop * d_a]
-            self._products(left, operands[block.b], accumulator)
+                self._update_moments(index, shape, operands[index])
+            for block, accumulator in self.accumulators.items():
+                d_a = self.shapes[block.a].d_mlp
+                left = operands[block.a][:, block.layer_start * d_a : block.layer_stop * d_a]
+                self._products(left, operands[block.b], accumulator)
 
-    def _update_moments(self, moments: StreamingMoments, shape: ModelShape, operand: torch.Tensor) -> None:
-        """Sums by a ones-vector GEMM and within-layer Gram matrices by one batched GEMM.
-
-        The Gram diagonals are the sums of squares, so those come for free.
-        """
-        if moments.total is None:
-            moments.total = torch.zeros(shape.n_neurons, dtype=torch.float64, device=self.device)
-            moments.gram = torch.zeros(
-                shape.n_layers, shape.d_mlp, shape.d_mlp, dtype=self.accumulator_dtype, device=self.device
-            )
-        assert moments.gram is not None
-        tokens = operand.shape[0]
-        moments.count += tokens
-        ones = torch.ones(1, tokens, dtype=operand.dtype, device=self.device)
-        if self.precision == "bfloat16":  # sums need more than bf16's 8 bits: use the float32 activations
-            moments.total += (ones.float() @ operand.float()).squeeze(0).double()
-        else:
-            moments.total += (ones @ operand).squeeze(0).double()
-        per_layer = operand.view(tokens, shape.n_layers, shape.d_mlp).transpose(0, 1)  # [layers, tokens, d_mlp]
-        self._products(per_layer, per_layer, moments.gram)
+    def _update_moments(self, index: int, shape: ModelShape, operand: torch.Tensor) -> None:
+        """In pass 0 the sums, by a ones-vector GEMM; in every pass the Gram matrices of the layers whose spreads
+        this pass's closing needs first, one GEMM per layer (their diagonals are the sums of squares)."""
+        moments = self.moments[index]
+        if self.pass_index == 0:
+            if moments.total is None:
+                moments.total = torch.zeros(shape.n_neurons, dtype=torch.float64, device=self.device)
+                moments.squares = torch.full((shape.n_neurons,), torch.nan, dtype=torch.float64, device=self.device)
+            tokens = operand.shape[0]
+            moments.count += tokens
+            ones = torch.ones(1, tokens, dtype=operand.dtype, device=self.device)
+            if self.precision == "bfloat16":  # sums need more than bf16's 8 bits: use the float32 activations
+                moments.total += (ones.float() @ operand.float()).squeeze(0).double()
+            else:
+                moments.total += (ones @ operand).squeeze(0).double()
+        for layer in range(shape.n_layers):
+            if self.gram_passes.get((index, layer)) != self.pass_index:
+                continue
+            if layer not in moments.gram:
+                moments.gram[layer] = torch.zeros(
+                    shape.d_mlp, shape.d_mlp, dtype=self.accumulator_dtype, device=self.device
+                )
+            part = operand[:, layer * shape.d_mlp : (layer + 1) * shape.d_mlp]  # [tokens, d_mlp]
+            self._products(part, part, moments.gram[layer])
 
     # --- results ------------------------------------------------------------------------------------------
 
@@ -379,102 +559,159 @@ class CorrelationEngine:
         return ~self._std(index)[1].cpu()
 
     def _rotation(self, index: int, layer: int) -> torch.Tensor:
-        """The layer's rotation, drawn once per run and kept (as much memory as the Gram matrices)."""
+        """The layer's rotation, drawn from its seed (and kept when the plan keeps rotations)."""
         key = (index, layer)
-        if key not in self._rotations:
-            shape = self.shapes[index]
-            seed = layer_rotation_seed(self.config.baseline_seed, shape.name, layer)
-            self._rotations[key] = rotation_matrix(shape.d_mlp, self.config.baseline, seed).to(self.device)
-        return self._rotations[key]
+        if key in self._rotations:
+            return self._rotations[key]
+        shape = self.shapes[index]
+        seed = layer_rotation_seed(self.config.baseline_seed, shape.name, layer)
+        rotation = rotation_matrix(shape.d_mlp, self.config.baseline, seed).to(self.device)
+        if self.plan.keep_rotations:
+            self._rotations[key] = rotation
+        return rotation
 
-    def _rotated_unit_std(self, index: int, layer: int) -> torch.Tensor:
-        """sqrt(diag(R G̃ Rᵀ)): the spread of every rotated unit of one layer, from the centred Gram matrix."""
-        key = (index, layer)
-        if key not in self._rotated_std:
-            moments, shape = self.moments[index], self.shapes[index]
-            assert moments.gram is not None and moments.total is not None
-            sums = moments.total[layer * shape.d_mlp : (layer + 1) * shape.d_mlp]
-            gram = moments.gram[layer].double() - torch.outer(sums, sums) / moments.count
-            rotation = self._rotation(index, layer)
-            self._rotated_std[key] = ((rotation @ gram) * rotation).sum(dim=1).clamp_min(0).sqrt()
-        return self._rotated_std[key]
+    def _rotated_spreads(self) -> None:
+        """sqrt(diag(R G̃ Rᵀ)): the spread of every rotated unit of the layers whose Gram matrices this pass
+        gathered, from the centred Gram matrices; then each matrix is freed, keeping its diagonal."""
+        for index, shape in enumerate(self.shapes):
+            moments = self.moments[index]
+            assert moments.total is not None and moments.squares is not None
+            for layer in sorted(moments.gram):
+                rows = slice(layer * shape.d_mlp, (layer + 1) * shape.d_mlp)
+                sums = moments.total[rows]
+                gram = moments.gram[layer].double() - torch.outer(sums, sums) / moments.count
+                rotation = self._rotation(index, layer)
+                self.rotated_std[(index, layer)] = ((rotation @ gram) * rotation).sum(dim=1).clamp_min(0).sqrt()
+                moments.squares[rows] = moments.gram.pop(layer).diagonal().double()
+                del gram, rotation
 
     def finish_pass(self) -> None:
         """Turn the current pass's accumulators into results, free them, and start the next pass."""
+        self._rotated_spreads()
         for block, accumulator in self.accumulators.items():
-            d_a = self.shapes[block.a].d_mlp
-            for layer in range(block.layer_start, block.layer_stop):
-                local = slice((layer - block.layer_start) * d_a, (layer - block.layer_start + 1) * d_a)
-                self._finish_layer(block.a, block.b, layer, accumulator[local])
+            self._finish_block(block, accumulator)
         self.accumulators = {}
         self.pass_index += 1
+        self._pass_rows = 0
+        if self.done:
+            self._rotations = {}
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self._allocate_pass()
 
-    def _finish_layer(self, a: int, b: int, layer: int, products: torch.Tensor) -> None:
-        """Correlations of one layer of a with all of b: fold into both directions' results."""
-        shape_a, shape_b = self.shapes[a], self.shapes[b]
-        d_a = shape_a.d_mlp
+    def _finish_block(self, block: LayerBlock, accumulator: torch.Tensor) -> None:
+        """Every [d_a, d_b] tile of a block (one layer of a against one layer of b), drawing each rotation once:
+        the block's layers of a are held and b's layers drawn one at a time, or the other way round, whichever
+        holds fewer."""
+        a, b = block.a, block.b
+        d_a, d_b = self.shapes[a].d_mlp, self.shapes[b].d_mlp
+        layers_a, layers_b = range(block.layer_start, block.layer_stop), range(self.shapes[b].n_layers)
+
+        def tile(layer: int, layer_b: int, rotation_a: torch.Tensor, rotation_b: torch.Tensor) -> None:
+            local = (layer - block.layer_start) * d_a
+            products = accumulator[local : local + d_a, layer_b * d_b : (layer_b + 1) * d_b]
+            self._finish_tile(a, b, layer, layer_b, products, rotation_a, rotation_b)
+
+        if len(layers_a) <= len(layers_b):
+            held = {layer: self._rotation(a, layer) for layer in layers_a}
+            for layer_b in layers_b:
+                rotation_b = self._rotation(b, layer_b)
+                for layer in layers_a:
+                    tile(layer, layer_b, held[layer], rotation_b)
+        else:
+            held = {layer_b: self._rotation(b, layer_b) for layer_b in layers_b}
+            for layer in layers_a:
+                rotation_a = self._rotation(a, layer)
+                for layer_b in layers_b:
+                    tile(layer, layer_b, rotation_a, held[layer_b])
+
+    def _finish_tile(
+        self,
+        a: int,
+        b: int,
+        layer: int,
+        layer_b: int,
+        products: torch.Tensor,
+        rotation_a: torch.Tensor,
+        rotation_b: torch.Tensor,
+    ) -> None:
+        """Correlations of one layer of a with one layer of b, folded into both directions' results, with both
+        rotated baselines (a against b's rotated units, b against this layer of a's)."""
+        d_a, d_b = self.shapes[a].d_mlp, self.shapes[b].d_mlp
         rows = slice(layer * d_a, (layer + 1) * d_a)
+        cols = slice(layer_b * d_b, (layer_b + 1) * d_b)
         count = self.moments[a].count
-        sums_a = self.moments[a].total[rows]  # type: ignore[index]
-        sums_b = self.moments[b].total
-        covariance = products.double() - torch.outer(sums_a, sums_b) / count  # [d_a, n_b] (times n)
+        sums_a, sums_b = self.moments[a].total, self.moments[b].total
+        assert sums_a is not None and sums_b is not None  # gathered in pass 0, before any pass finishes
+        covariance = products.double() - torch.outer(sums_a[rows], sums_b[cols]) / count  # [d_a, d_b] (times n)
         std_a, live_a = (t[rows] for t in self._std(a))
-        std_b, live_b = self._std(b)
-        corr = covariance / torch.outer(std_a, std_b)
-        valid = torch.outer(live_a, live_b)
-        corr = torch.where(valid, corr.clamp(-1, 1), torch.full_like(corr, -torch.inf))
+        std_b, live_b = (t[cols] for t in self._std(b))
+
+        # a -> rotated b: the best rotated unit of this layer of b.
+        rotated = covariance @ rotation_b.T  # [d_a, d_b]
+        rotated = rotated.div_(torch.outer(std_a, self.rotated_std[(b, layer_b)])).clamp_(-1, 1)
+        best, unit = rotated.masked_fill_(~live_a.unsqueeze(1), -torch.inf).max(dim=1)
+        self.results[(a, b)].merge_baseline(rows, best.cpu(), (unit + layer_b * d_b).cpu())
+        # b -> rotated a: this layer's rotated units.
+        rotated = covariance.T @ rotation_a.T  # [d_b, d_a]
+        rotated = rotated.div_(torch.outer(std_b, self.rotated_std[(a, layer)])).clamp_(-1, 1)
+        best, unit = rotated.masked_fill_(~live_b.unsqueeze(1), -torch.inf).max(dim=1)
+        self.results[(b, a)].merge_baseline(cols, best.cpu(), (unit + layer * d_a).cpu())
+        del rotated
+
+        corr = covariance.div_(torch.outer(std_a, std_b)).clamp_(-1, 1)
+        corr.masked_fill_(~live_a.unsqueeze(1), -torch.inf).masked_fill_(~live_b.unsqueeze(0), -torch.inf)
         k = self.config.top_k
-
-        # a -> b: the best partners of each neuron in this layer of a.
-        top = corr.topk(min(k, corr.shape[1]), dim=1)
-        self.results[(a, b)].merge_top(rows, top.values.cpu(), top.indices.cpu())
-        # b -> a: these rows are candidates for every neuron of b (merged over all layers of a).
-        top_t = corr.topk(min(k, corr.shape[0]), dim=0)
-        self.results[(b, a)].merge_top(slice(None), top_t.values.T.cpu(), (top_t.indices.T + layer * d_a).cpu())
-
-        # a -> rotated b: the best rotated unit of any layer of b.
-        result_ab = self.results[(a, b)]
-        for layer_b in range(shape_b.n_layers):
-            cols = slice(layer_b * shape_b.d_mlp, (layer_b + 1) * shape_b.d_mlp)
-            rotated = covariance[:, cols] @ self._rotation(b, layer_b).T  # [d_a, d_b]
-            rotated_corr = rotated / torch.outer(std_a, self._rotated_unit_std(b, layer_b))
-            rotated_corr = torch.where(live_a.unsqueeze(1), rotated_corr.clamp(-1, 1), -torch.inf)
-            best, unit = rotated_corr.max(dim=1)
-            result_ab.merge_baseline(rows, best.cpu(), (unit + layer_b * shape_b.d_mlp).cpu())
-        # b -> rotated a (this layer's rotated units).
-        rotated = covariance.T @ self._rotation(a, layer).T  # [n_b, d_a]
-        rotated_corr = rotated / torch.outer(std_b, self._rotated_unit_std(a, layer))
-        rotated_corr = torch.where(live_b.unsqueeze(1), rotated_corr.clamp(-1, 1), -torch.inf)
-        best, unit = rotated_corr.max(dim=1)
-        self.results[(b, a)].merge_baseline(slice(None), best.cpu(), (unit + layer * d_a).cpu())
+        # a -> b: candidates among this layer of b for each neuron of this layer of a.
+        top = corr.topk(min(k, d_b), dim=1)
+        self.results[(a, b)].merge_top(rows, top.values.cpu(), (top.indices + layer_b * d_b).cpu())
+        # b -> a: these rows are candidates for the neurons of this layer of b (merged over all layers of a).
+        top_t = corr.topk(min(k, d_a), dim=0)
+        self.results[(b, a)].merge_top(cols, top_t.values.T.cpu(), (top_t.indices.T + layer * d_a).cpu())
 
     # --- checkpoints --------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "pass_index": self.pass_index,
-            "moments": [{"shift": m.shift, "count": m.count, "total": m.total, "gram": m.gram} for m in self.moments],
-            "accumulators": {(b.a, b.b, b.layer_start, b.layer_stop): t for b, t in self.accumulators.items()},
+            "moments": [
+                {"shift": m.shift, "count": m.count, "total": m.total, "gram": m.gram, "squares": m.squares}
+                for m in self.moments
+            ],
+            "rotated_std": self.rotated_std,
+            # a pass that has seen no rows has zero accumulators: not written (GBs at GPT-2 shapes), made again
+            "accumulators": {
+                (b.a, b.b, b.layer_start, b.layer_stop): t for b, t in self.accumulators.items() if self._pass_rows
+            },
             "results": {key: vars(result) for key, result in self.results.items()},
             "passes": [[(b.a, b.b, b.layer_start, b.layer_stop) for b in p] for p in self.passes],
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.passes = [[LayerBlock(*key) for key in p] for p in state["passes"]]
         self.pass_index = state["pass_index"]
         device = self.device
+
+        def moved(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value.to(device)
+
         self.moments = [
-            StreamingMoments(
-                shift=None if m["shift"] is None else m["shift"].to(device),
+            ShiftedGramSums(
+                shift=moved(m["shift"]),
                 count=m["count"],
-                total=None if m["total"] is None else m["total"].to(device),
-                gram=None if m["gram"] is None else m["gram"].to(device),
+                total=moved(m["total"]),
+                gram={layer: value.to(device) for layer, value in m["gram"].items()},
+                squares=moved(m["squares"]),
             )
             for m in state["moments"]
         ]
-        self.accumulators = {LayerBlock(*key): t.to(device) for key, t in state["accumulators"].items()}
+        self.rotated_std = {key: value.to(device) for key, value in state.get("rotated_std", {}).items()}
+        self.accumulators = {}  # free this run's empty first pass before the checkpoint's arrive
+        saved = {LayerBlock(*key): t.to(device) for key, t in state["accumulators"].items()}
+        if saved:
+            self.accumulators, self._pass_rows = saved, 1
+        else:  # the pass had seen no rows: its accumulators were zeros
+            self._allocate_pass()
+            self._pass_rows = 0
         self.results = {key: PartnerResult(**fields) for key, fields in state["results"].items()}
-        self._rotated_std = {}
+        self._rotations = {}

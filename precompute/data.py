@@ -1,30 +1,35 @@
-"""Corpus to deterministic token batches: the paper's tokenize-and-concatenate.
+"""Corpus to deterministic token batches: the paper's tokenize-and-concatenate, and the counted-token filter.
 
-Documents are tokenised, joined with EOS, cut into rows of ``ctx - 1`` tokens and each row gets a BOS in
-front, so every row has exactly ``ctx`` tokens and starts with BOS (paper-spec §1.2). The same rows in the same
-order feed every model and every stage, which is what makes a killed run resumable at a row index.
+Documents are tokenised and packed into rows of ``ctx`` tokens that start with BOS (`precompute.packing`). The
+same rows in the same order feed every model and every stage, which is what makes a killed run resumable at a row
+index.
 
-Sources: the standard library's own source code (the embedded default), local ``.txt``/``.jsonl`` files or
-folders, and a Hugging Face dataset name for users who are online (``hf:NeelNanda/pile-10k``).
+Sources: the standard library's own source code (the embedded default, `precompute.stdlib_corpus`), local
+``.txt``/``.jsonl`` files or folders, and a Hugging Face dataset name for users who are online
+(``hf:NeelNanda/pile-10k``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
+
+from precompute.packing import TextTokenizer, pack_documents, tokenize_in_chunks
+from precompute.stdlib_corpus import SplitOrAll, stdlib_documents, stdlib_fingerprint
 
 logger = logging.getLogger(__name__)
 
 #: How a source is written on the command line.
-STDLIB_SOURCES = {
+STDLIB_SOURCES: dict[str, SplitOrAll] = {
     "stdlib": "validation",
     "stdlib:validation": "validation",
     "stdlib:train": "train",
@@ -32,19 +37,22 @@ STDLIB_SOURCES = {
 }
 HF_PREFIX = "hf:"
 
+#: Which tokens a statistic covers: ``counted`` (the run's counted tokens: BOS/EOS/pad and "\n" left out as the
+#: correlations do, paper A.2) or ``all`` (every token of the rows, BOS included: what the paper's moments,
+#: histograms and variance reductions cover, paper-spec §1.3, §3.1, §7.3 item 5).
+TokenSet = Literal["counted", "all"]
+
 
 class DataError(ValueError):
     """A dataset that cannot be built as asked (unknown source, too few tokens, ...)."""
 
 
-class Tokenizer(Protocol):
+class Tokenizer(TextTokenizer, Protocol):
     """The part of a Hugging Face tokenizer the data pipeline uses."""
 
     bos_token_id: int | None
     eos_token_id: int | None
     pad_token_id: int | None
-
-    def __call__(self, texts: list[str], add_special_tokens: bool = ...) -> Any: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -60,7 +68,8 @@ class DatasetConfig:
             ``stdlib:train``, a ``.txt``/``.jsonl`` file or a folder of them, or ``hf:NAME`` for a Hugging Face
             dataset (needs the ``datasets`` package and network or a local cache).
         tokens: how many tokens to run through the models (rounded up to whole rows).
-        ctx: row length; None means the smaller of 256 and the models' context length.
+        ctx: row length; None means the smaller of ``max_ctx`` and the models' context length.
+        max_ctx: the row length when ``ctx`` is None, if the models' context is not shorter (the paper: 512).
         batch_size: rows per forward pass.
         shuffle_seed: the seed that orders documents (stdlib and local files) before packing.
         text_field: the JSON field that holds the text in ``.jsonl`` files and HF datasets.
@@ -72,6 +81,7 @@ class DatasetConfig:
     source: str = "stdlib"
     tokens: int = 500_000
     ctx: int | None = None
+    max_ctx: int = 256
     batch_size: int = 16
     shuffle_seed: int = 0
     text_field: str = "text"
@@ -86,6 +96,8 @@ class DatasetConfig:
             raise DataError(f"batch size must be positive, got {self.batch_size}")
         if self.ctx is not None and self.ctx < 2:
             raise DataError(f"ctx must be at least 2 (BOS plus one token), got {self.ctx}")
+        if self.max_ctx < 2:
+            raise DataError(f"max_ctx must be at least 2 (BOS plus one token), got {self.max_ctx}")
 
 
 @dataclass(frozen=True)
@@ -113,37 +125,116 @@ class TokenDataset:
     def batch_starts(self, start_row: int = 0) -> range:
         return range(start_row, self.n_rows, self.config.batch_size)
 
+    # Counts the stages plan their memory from, computed once per dataset (the plan prices many splits).
+
+    @functools.cached_property
+    def max_token_id(self) -> int:
+        return int(self.rows.max()) if self.rows.size else 0
+
+    @functools.cached_property
+    def token_counts(self) -> np.ndarray:
+        """How often each token id is counted: [max_token_id + 1] int64."""
+        return np.bincount(self.rows[self.counted], minlength=self.max_token_id + 1)
+
+    @functools.cached_property
+    def previous_token_counts(self) -> np.ndarray:
+        """How often each token id is the token before a counted one: [max_token_id + 1] int64."""
+        return np.bincount(self.rows[:, :-1][self.counted[:, 1:]], minlength=self.max_token_id + 1)
+
     def fingerprint(self) -> str:
         return hashlib.sha256(self.rows.astype(np.int64).tobytes()).hexdigest()[:16]
 
+    def selection(self, tokens: TokenSet = "counted", max_tokens: int | None = None) -> TokenSelection:
+        """The tokens a stage reads (`TokenSelection`), made once per (tokens, max_tokens) and kept: the memory
+        plan prices many splits, and each asks for the selection's counts."""
+        key = (tokens, max_tokens)
+        if key not in self._selections:
+            self._selections[key] = TokenSelection(self, tokens, max_tokens)
+        return self._selections[key]
 
-def pack_documents(
-    token_lists: Iterable[list[int]], ctx: int, bos_id: int, eos_id: int, max_rows: int | None = None
-) -> np.ndarray:
-    """Join documents with EOS, cut into rows of ``ctx - 1`` and put BOS in front of each row.
+    @functools.cached_property
+    def _selections(self) -> dict[tuple[TokenSet, int | None], TokenSelection]:
+        return {}
 
-    The tail that does not fill a whole row is dropped (as TransformerLens' tokenize_and_concatenate does).
 
-    >>> pack_documents([[5, 6, 7], [8, 9]], ctx=4, bos_id=0, eos_id=1).tolist()
-    [[0, 5, 6, 7], [0, 1, 8, 9]]
+@dataclass(frozen=True, eq=False)
+class TokenSelection:
+    """The tokens a stage reads: the dataset's counted tokens or all of them, and of those only the first
+    ``max_tokens`` in row order (None: every one), so that one run can feed its statistics fewer tokens than its
+    correlations (the paper: 10M and 100M, paper-spec §1.3).
+
+    >>> rows = np.array([[0, 5, 6, 0], [0, 7, 0, 8]])
+    >>> data = TokenDataset(rows, rows != 0, DatasetConfig(), 4, {})
+    >>> data.selection("counted", 3).mask(slice(0, 2)).astype(int).tolist()
+    [[0, 1, 1, 0], [0, 1, 0, 0]]
+    >>> data.selection("all", 6).n_tokens, data.selection("counted").is_counted, data.selection("all").is_counted
+    (6, True, False)
     """
-    body = ctx - 1
-    rows: list[np.ndarray] = []
-    pending: list[int] = []
-    first = True
-    for tokens in token_lists:
-        if not first:
-            pending.append(eos_id)
-        first = False
-        pending.extend(tokens)
-        while len(pending) >= body:
-            rows.append(np.array([bos_id, *pending[:body]], dtype=np.int64))
-            pending = pending[body:]
-            if max_rows is not None and len(rows) >= max_rows:
-                return np.stack(rows)
-    if not rows:
-        return np.zeros((0, ctx), dtype=np.int64)
-    return np.stack(rows)
+
+    dataset: TokenDataset
+    tokens: TokenSet = "counted"
+    max_tokens: int | None = None
+
+    @functools.cached_property
+    def _before(self) -> np.ndarray:
+        """Tokens of the set (without the cap) before each row: [n_rows + 1] int64."""
+        dataset = self.dataset
+        if self.tokens == "counted":
+            per_row = dataset.counted.sum(1, dtype=np.int64)
+        else:
+            per_row = np.full(dataset.n_rows, dataset.ctx, dtype=np.int64)
+        return np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
+
+    @functools.cached_property
+    def n_tokens(self) -> int:
+        """How many tokens the selection holds."""
+        total = int(self._before[-1])
+        return total if self.max_tokens is None else min(total, self.max_tokens)
+
+    @functools.cached_property
+    def is_counted(self) -> bool:
+        """The selection is exactly the dataset's counted tokens: batches are read as they come (asked per batch:
+        computed once)."""
+        return self.tokens == "counted" and self.n_tokens == self.dataset.tokens_counted
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        """What names the selection: stages with the same key read the same tokens (and share a batch's view)."""
+        return (self.tokens, self.max_tokens)
+
+    def mask(self, rows: slice) -> np.ndarray:
+        """Which tokens of the rows ``rows`` (a slice with a start and a stop) the selection holds: [rows, ctx]."""
+        dataset = self.dataset
+        start, stop, _ = rows.indices(dataset.n_rows)
+        if self.tokens == "counted":
+            base = dataset.counted[start:stop]
+        else:
+            base = np.ones((stop - start, dataset.ctx), dtype=bool)
+        if self.max_tokens is None or self._before[stop] <= self.max_tokens:
+            return base
+        left = self.max_tokens - int(self._before[start])  # what the cap leaves for these rows
+        flat = base.reshape(-1)
+        return (flat & (np.cumsum(flat) <= left)).reshape(base.shape)
+
+    def flat_indices(self) -> np.ndarray:
+        """Flat indices (row * ctx + position) of every selected token, in order: [n_tokens] int64."""
+        return np.flatnonzero(self.mask(slice(None)).reshape(-1))
+
+    @functools.cached_property
+    def token_counts(self) -> np.ndarray:
+        """How often each token id is selected: [max_token_id + 1] int64."""
+        if self.is_counted:
+            return self.dataset.token_counts
+        mask = self.mask(slice(None))
+        return np.bincount(self.dataset.rows[mask], minlength=self.dataset.max_token_id + 1)
+
+    @functools.cached_property
+    def previous_token_counts(self) -> np.ndarray:
+        """How often each token id is the token before a selected one: [max_token_id + 1] int64."""
+        if self.is_counted:
+            return self.dataset.previous_token_counts
+        mask = self.mask(slice(None))
+        return np.bincount(self.dataset.rows[:, :-1][mask[:, 1:]], minlength=self.dataset.max_token_id + 1)
 
 
 def newline_token_ids(tokenizer: Tokenizer) -> list[int]:
@@ -184,7 +275,7 @@ def _local_documents(path: Path, text_field: str, shuffle_seed: int) -> Iterator
 
 def _hf_documents(name: str, split: str, text_field: str) -> Iterator[str]:
     try:
-        import datasets
+        import datasets  # lazy: an optional extra, needed only for hf: sources
     except ImportError as exc:  # pragma: no cover - depends on the optional extra
         raise DataError("Hugging Face datasets need `pip install datasets` (the [datasets] extra)") from exc
     try:
@@ -199,12 +290,10 @@ def documents(config: DatasetConfig) -> tuple[Iterator[str], dict[str, Any]]:
     """The documents of a source and a description of it for the run record."""
     source = config.source
     if source in STDLIB_SOURCES:
-        from precompute import corpus
-
         split = STDLIB_SOURCES[source]
-        texts = corpus.stdlib_documents(split)
+        texts = stdlib_documents(split)
         random.Random(config.shuffle_seed).shuffle(texts)
-        fingerprint = corpus.stdlib_fingerprint()
+        fingerprint = stdlib_fingerprint()
         return iter(texts), {"kind": "stdlib", "split": split, "corpus": asdict(fingerprint)}
     if source.startswith(HF_PREFIX):
         name = source[len(HF_PREFIX) :]
@@ -225,33 +314,22 @@ def documents(config: DatasetConfig) -> tuple[Iterator[str], dict[str, Any]]:
     )
 
 
-def _tokenize(texts: Iterator[str], tokenizer: Tokenizer, chunk: int = 64) -> Iterator[list[int]]:
-    buffer: list[str] = []
-    for text in texts:
-        buffer.append(text)
-        if len(buffer) == chunk:
-            yield from tokenizer(buffer, add_special_tokens=False)["input_ids"]
-            buffer = []
-    if buffer:
-        yield from tokenizer(buffer, add_special_tokens=False)["input_ids"]
-
-
 def build_dataset(config: DatasetConfig, tokenizer: Tokenizer, model_ctx: int) -> TokenDataset:
     """Tokenise and pack just enough documents for ``config.tokens`` tokens.
 
     Raises:
         DataError: the source is unknown or holds fewer tokens than asked.
     """
-    ctx = config.ctx or min(256, model_ctx)
+    ctx = config.ctx or min(config.max_ctx, model_ctx)
     if ctx > model_ctx:
         raise DataError(f"ctx {ctx} is longer than the models' context length {model_ctx}")
     bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos_id
     if bos_id is None:
         raise DataError("the tokenizer has neither a BOS nor an EOS token to start rows with")
+    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos_id
     n_rows = -(-config.tokens // ctx)
     texts, description = documents(config)
-    rows = pack_documents(_tokenize(texts, tokenizer), ctx, bos_id, eos_id, max_rows=n_rows)
+    rows = pack_documents(tokenize_in_chunks(texts, tokenizer), ctx, bos_id, eos_id, max_rows=n_rows)
     if rows.shape[0] < n_rows:
         raise DataError(
             f"source {config.source!r} holds only {rows.shape[0] * ctx:,} tokens in rows of {ctx}; "

@@ -1,12 +1,13 @@
 """Binary features of a token and its context, grouped by the categorical variable they are functions of.
 
-Variance reduction (paper eq. 4, `precompute.families`) needs, per neuron, the count and the activation sum of
+Variance reduction (paper eq. 4, `precompute.stages.families`) needs, per neuron, the count and the activation sum of
 every value of a categorical variable; any binary feature that is a function of that variable is then a union of
 its categories. The variables here (paper-spec §4.3, issue 3 part 4):
 
-- ``token``: the current token (its id, or a vocabulary bucket): unigram (normalised string, lower().strip()),
-  alphabet (first letter a-z of the normalised string) and token classes (digits, years, capitals, punctuation,
-  leading space, ...);
+- ``token``: the current token (its id, or a vocabulary bucket): unigram (normalised string, lower().strip(); the
+  single-letter ones, ``token:a`` ... ``token:z``, are the paper's ``<letter>_unigram`` features of the alphabet
+  family), first letter (a-z of the normalised string: the paper's ``start_w_<letter>``, not the alphabet family)
+  and token classes (digits, years, capitals, punctuation, leading space, ...);
 - ``prev_token``: the same features of the previous token in the row (position 0 has none);
 - ``position``: the position in the row, as thresholds (< 2, < 4, ...) and power-of-two bands;
 - ``syntax``: Python's own `tokenize` on each document (kind of Python token, indentation depth, inside brackets),
@@ -85,13 +86,23 @@ def normalise(text: str) -> str:
 
 
 def first_letter(text: str) -> str:
-    """The alphabet feature of a token: the first letter a-z of its normalised form, or ''.
+    """The first-letter feature of a token: the first letter a-z of its normalised form, or ''.
 
     >>> first_letter(" Apple"), first_letter("_x"), first_letter("  ")
     ('a', '', '')
     """
     head = normalise(text)[:1]
     return head if "a" <= head <= "z" else ""
+
+
+def single_letter(text: str) -> str:
+    """The letter a-z a token is, once normalised (the paper's ``<letter>_unigram``: " a", "A", "a\\n"), or ''.
+
+    >>> single_letter(" A"), single_letter(" an"), single_letter("1")
+    ('a', '', '')
+    """
+    norm = normalise(text)
+    return norm if len(norm) == 1 and "a" <= norm <= "z" else ""
 
 
 @dataclass(frozen=True)
@@ -101,7 +112,7 @@ class FeatureMatrix:
     variable: str  # token | prev_token | position | syntax | spacy
     n_categories: int
     names: tuple[str, ...]  # e.g. "token:def", "prev_class:comma", "position:<8"
-    sets: tuple[str, ...]  # feature set of each feature: unigram | alphabet | token_class | previous_token | ...
+    sets: tuple[str, ...]  # feature set of each feature: unigram | first_letter | token_class | previous_token | ...
     membership: scipy.sparse.csr_matrix  # [n_features, n_categories] float64 0/1
 
     @classmethod
@@ -115,14 +126,40 @@ class FeatureMatrix:
         )
         return cls(variable, n_categories, tuple(n for n, _, _ in kept), tuple(k for _, k, _ in kept), membership)
 
+    def restricted(self, observed: np.ndarray) -> FeatureMatrix:
+        """The same features over only the observed categories (``observed``: [n_categories] bool), in order.
+
+        A category that never occurs has no count and no activation sum, so dropping it changes no variance
+        reduction; the names stay, a feature that holds nowhere observed just has n1 = 0.
+
+        >>> f = FeatureMatrix.build("v", 3, [("a", "s", np.array([0, 2])), ("b", "s", np.array([1]))])
+        >>> r = f.restricted(np.array([True, False, True]))
+        >>> r.n_categories, r.names, r.membership.toarray().tolist()
+        (2, ('a', 'b'), [[1.0, 1.0], [0.0, 0.0]])
+        """
+        keep = np.flatnonzero(observed)
+        return FeatureMatrix(self.variable, len(keep), self.names, self.sets, self.membership[:, keep].tocsr())
+
+    @staticmethod
+    def observed_categories(observed: np.ndarray) -> np.ndarray:
+        """Category -> its index among the observed categories, or -1: [n_categories] int64.
+
+        >>> FeatureMatrix.observed_categories(np.array([True, False, True])).tolist()
+        [0, -1, 1]
+        """
+        slots = np.full(len(observed), -1, dtype=np.int64)
+        slots[np.flatnonzero(observed)] = np.arange(int(np.count_nonzero(observed)))
+        return slots
+
 
 @dataclass(frozen=True)
 class VocabBuckets:
     """Token id -> category of the ``token``/``prev_token`` variables.
 
     Without a cap every token id is its own category (exact). With ``max_vocab`` the most frequent ids keep their
-    own category and the others are pooled by their alphabet and token-class signature, so alphabet and class
-    features stay exact while a pooled id no longer counts for its unigram feature (docs/analyses.md).
+    own category and the others are pooled by their signature (first letter, the single letter they are, token
+    classes), so first-letter, class and single-letter unigram (alphabet family) features stay exact while another
+    pooled id no longer counts for its unigram feature (docs/analyses.md).
     """
 
     bucket_of: np.ndarray  # [d_vocab] int64
@@ -155,7 +192,8 @@ def vocab_buckets(
     for token in range(d_vocab):
         if bucket_of[token] >= 0:
             continue
-        key = (first_letter(strings[token]), *(f(strings[token]) for f in TOKEN_CLASSES.values()))
+        text = strings[token]
+        key = (first_letter(text), single_letter(text), *(f(text) for f in TOKEN_CLASSES.values()))
         if key not in signatures:
             signatures[key] = len(representative)
             representative.append(token)
@@ -173,11 +211,11 @@ def token_features(
     special: Sequence[int],
     extra_categories: int = 0,
 ) -> FeatureMatrix:
-    """Unigram, alphabet and token-class features over vocabulary buckets.
+    """Unigram, first-letter and token-class features over vocabulary buckets.
 
     Args:
-        variable: ``token`` (feature sets unigram, alphabet, token_class; names ``token:``, ``letter:``,
-            ``class:``) or ``prev_token`` (set previous_token; names ``prev_token:``, ``prev_letter:``, ...).
+        variable: ``token`` (feature sets unigram, first_letter, token_class; names ``token:``, ``first_letter:``,
+            ``class:``) or ``prev_token`` (set previous_token; names ``prev_token:``, ``prev_first_letter:``, ...).
         strings: decoded text of each token id.
         buckets: the categories (`vocab_buckets`).
         counts: [d_vocab] occurrences of each id for this variable; a unigram feature needs ``min_count``.
@@ -189,24 +227,27 @@ def token_features(
     prefix = "prev_" if previous else ""
     n_categories = buckets.n_buckets + extra_categories
     rep = buckets.representative
-    special = set(special)
-    is_special = np.isin(rep, np.asarray(sorted(special), dtype=np.int64))
+    special_ids = set(special)
+    is_special = np.isin(rep, np.asarray(sorted(special_ids), dtype=np.int64))
     features: list[tuple[str, str, np.ndarray]] = []
     norm_counts: dict[str, int] = {}
     for token, text in enumerate(strings):
-        if token not in special:
+        if token not in special_ids:
             norm_counts[normalise(text)] = norm_counts.get(normalise(text), 0) + int(counts[token])
     by_norm: dict[str, list[int]] = {}
-    for bucket in np.flatnonzero(buckets.own & ~is_special):
+    # a pooled bucket of single-letter ids holds one letter only (`vocab_buckets`): it keeps its unigram feature
+    letter_buckets = np.array([bool(single_letter(strings[t])) for t in rep], dtype=bool)
+    for bucket in np.flatnonzero((buckets.own | letter_buckets) & ~is_special):
         norm = normalise(strings[rep[bucket]])
         if norm and norm_counts.get(norm, 0) >= min_count:
             by_norm.setdefault(norm, []).append(int(bucket))
-    for norm, cats in sorted(by_norm.items()):
-        features.append((f"{prefix}token:{norm}", "previous_token" if previous else "unigram", np.asarray(cats)))
+    for norm, buckets_of_norm in sorted(by_norm.items()):
+        kind = "previous_token" if previous else "unigram"
+        features.append((f"{prefix}token:{norm}", kind, np.asarray(buckets_of_norm)))
     letters = np.array([first_letter(strings[t]) for t in rep])
     for letter in "abcdefghijklmnopqrstuvwxyz":
         cats = np.flatnonzero((letters == letter) & ~is_special)
-        features.append((f"{prefix}letter:{letter}", "previous_token" if previous else "alphabet", cats))
+        features.append((f"{prefix}first_letter:{letter}", "previous_token" if previous else "first_letter", cats))
     for name, predicate in TOKEN_CLASSES.items():
         cats = np.asarray([b for b in range(buckets.n_buckets) if not is_special[b] and predicate(strings[rep[b]])])
         features.append((f"{prefix}class:{name}", "previous_token" if previous else "token_class", cats))
@@ -246,7 +287,7 @@ class ContextLabels:
 def documents_of(rows: np.ndarray, eos_id: int) -> list[np.ndarray]:
     """Split the packed stream (rows without their leading BOS, in order) back into documents at EOS.
 
-    Returns the flat stream indices of each document's tokens (`precompute.data.pack_documents` layout).
+    Returns the flat stream indices of each document's tokens (`precompute.packing.pack_documents` layout).
 
     >>> [d.tolist() for d in documents_of(np.array([[9, 1, 2, 0], [9, 3, 0, 4]]), eos_id=0)]
     [[0, 1], [3], [5]]
@@ -371,7 +412,7 @@ def _stream_to_rows(rows: np.ndarray, stream_ids: np.ndarray, fill: int) -> np.n
 def python_syntax_labels(rows: np.ndarray, strings: Sequence[str], eos_id: int) -> ContextLabels:
     """Label every token of the dataset with its Python syntax, tokenizing each document whole.
 
-    The rows are the packed stream of `precompute.data.pack_documents`, so a document is re-joined across rows
+    The rows are the packed stream of `precompute.packing.pack_documents`, so a document is re-joined across rows
     before `tokenize` sees it; each model token takes the labels of its first non-space character (a token that
     is all whitespace: ``newline`` if it holds one, else ``whitespace``). BOS and EOS positions get ``unknown``.
     """
@@ -401,7 +442,7 @@ def spacy_labels(rows: np.ndarray, strings: Sequence[str], eos_id: int) -> Conte
     English ones first. A model token takes the labels of the spaCy token holding its first non-space character.
     """
     try:
-        import spacy
+        import spacy  # lazy: an optional package, used only when it is installed
     except ImportError:
         return None
     installed = sorted(spacy.util.get_installed_models(), key=lambda name: (not name.startswith("en"), name))
@@ -438,6 +479,7 @@ __all__ = [
     "normalise",
     "position_features",
     "python_syntax_labels",
+    "single_letter",
     "spacy_labels",
     "syntax_features",
     "token_features",

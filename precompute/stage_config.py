@@ -23,14 +23,14 @@ class ConfigError(ValueError):
 def stage_config(cls: type[ConfigT], values: Mapping[str, Any] | None, stage: str) -> ConfigT:
     """Build a stage's frozen config from its ``analysis`` dict, refusing unknown keys and mistyped values.
 
-    >>> from precompute.stats import StatsConfig
+    >>> from precompute.stages.stats import StatsConfig
     >>> stage_config(StatsConfig, {"bins": 10}, "stats").bins
     10
     >>> stage_config(StatsConfig, {"bin": 10}, "stats")
     Traceback (most recent call last):
     ...
     precompute.stage_config.ConfigError: unknown stats setting 'bin'; settings are bins, pre_range, post_range, \
-token_top_k, token_min_count, max_vocab, vocab_top_k
+token_top_k, token_min_count, max_vocab, vocab_top_k, tokens, max_tokens
     """
     values = dict(values or {})
     hints = typing.get_type_hints(cls)

@@ -17,13 +17,16 @@ import logging
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from math import isfinite
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import (
     JSON,
     Boolean,
     Column,
+    CursorResult,
     Engine,
     Float,
     ForeignKey,
@@ -38,18 +41,24 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     insert,
     select,
     update,
 )
 
+from precompute.paths import package_folder
+
 logger = logging.getLogger(__name__)
 
-#: Where the Alembic environment lives (the repository's top-level ``alembic/`` folder).
-ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
+#: Where the Alembic environment lives: ``precompute/migrations`` in a wheel, the top-level ``alembic/`` in a checkout.
+ALEMBIC_DIR = package_folder(Path(__file__).resolve().parent, "migrations", "alembic")
 
 #: Rows per INSERT transaction: small enough that an interruption loses little, large enough to be fast.
 WRITE_CHUNK_ROWS = 20_000
+
+#: The Python objects of one chunk of rows being written (about 512 bytes a row), for the memory plan.
+WRITE_CHUNK_BYTES = WRITE_CHUNK_ROWS * 512
 
 RUN_STATUSES = ("running", "complete", "failed")
 
@@ -174,9 +183,6 @@ distributions = Table(
     Column("quantiles", JSON, nullable=False, comment="{'0.5': ..., '0.9': ..., ...}"),
 )
 
-#: Tables holding per-model results, deleted before a stage rewrites them (idempotent resume).
-CORRELATION_TABLES = (neurons, partner_scores, matches, layer_summaries, distributions)
-
 # --- revision 0002: neuron analyses (statistics, examples, families, roles) -------------------------------
 # BLOB columns hold little-endian NumPy arrays; each column's comment names its dtype and shape.
 
@@ -194,6 +200,12 @@ activation_stats = Table(
     Column("pre_min", Float),
     Column("pre_max", Float),
     Column("frequency", Float, comment="activation frequency P(hook_pre > 0)"),
+    Column(
+        "frequency_paper",
+        Float,
+        comment="the paper's sparsity: P(hook_pre > e), e = -0.0980391 the float32 edge of linspace(-10, 15, 256) "
+        "just below its first edge >= 0, where the paper's code starts counting bins (revision 0003)",
+    ),
     Column("post_mean", Float, comment="mean of mlp.hook_post"),
     Column("post_var", Float),
     Column("post_skew", Float),
@@ -293,6 +305,15 @@ examples = Table(
     Column("token_ids", LargeBinary, nullable=False, comment="int32[snippet]"),
     Column("activations", LargeBinary, nullable=False, comment="float16[snippet]: hook_post of every token"),
 )
+# revision 0004 (search, issue 10): the top examples by the token they peak on (4 bytes of the int32 BLOB at
+# ``peak * 4``), so a token search counts a neuron's top examples on the token without scanning the table. A
+# partial index: only ``kind = 'top'`` rows. Queries spell the expression exactly so (app/queries/search.py).
+Index(
+    "ix_examples_top_peak",
+    examples.c.model_id,
+    func.substr(examples.c.token_ids, examples.c.peak * 4 + 1, 4),
+    sqlite_where=examples.c.kind == "top",
+)
 
 families = Table(
     "families",
@@ -325,11 +346,12 @@ feature_scores = Table(
         "feature_set",
         String,
         nullable=False,
-        comment="unigram | alphabet | token_class | previous_token | position | syntax | spacy",
+        comment="unigram | first_letter | token_class | previous_token | position | syntax | spacy",
     ),
     Column("variance_reduction", Float, nullable=False),
     Column("fraction", Float, comment="share of counted tokens where the feature holds"),
 )
+Index("ix_feature_scores_feature", feature_scores.c.model_id, feature_scores.c.feature)  # revision 0004
 
 roles = Table(
     "roles",
@@ -344,6 +366,10 @@ roles = Table(
     Column("attention_head", Integer),
     Column("attention_score", Float, comment="h = w_out^T W_Q k_BOS / sqrt(d_head), unit w_out"),
 )
+# revision 0004: neurons by role (search ``role:NAME``), each a range of an index
+Index("ix_roles_vocab_role", roles.c.model_id, roles.c.vocab_role)
+Index("ix_roles_attention_role", roles.c.model_id, roles.c.attention_role)
+Index("ix_roles_entropy_rank", roles.c.model_id, roles.c.entropy_rank)
 
 entropy_interventions = Table(
     "entropy_interventions",
@@ -392,15 +418,6 @@ path_ablations = Table(
     Column("points", LargeBinary, nullable=False, comment="float32[n, 3]: activation, d_bos_attention, d_norm"),
 )
 
-#: The tables each analysis stage owns (cleared before it rewrites them).
-STAGE_TABLES = {
-    "correlations": CORRELATION_TABLES,
-    "stats": (activation_stats, histograms, position_profiles, weight_stats, percentiles, token_tables),
-    "examples": (examples,),
-    "families": (families, feature_scores),
-    "roles": (roles, entropy_interventions, attention_scores, path_ablations),
-}
-
 
 def utc_now() -> str:
     """The current UTC time as ISO-8601 text."""
@@ -437,6 +454,7 @@ def make_engine(path: Path | str) -> Engine:
 
 def upgrade(path: Path | str, revision: str = "head") -> None:
     """Create or migrate the SQLite file at `path` with Alembic (``alembic upgrade head``)."""
+    # lazy: the web app and the Alembic environment import the table definitions without Alembic's command API
     from alembic.config import Config
 
     from alembic import command
@@ -458,11 +476,40 @@ def current_revision(path: Path | str) -> str | None:
     return row[0] if row else None
 
 
-def _json_safe(value: Any) -> Any:
-    """Turn NaN/inf floats into None: SQLite stores them badly and JSON cannot hold them."""
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return None
-    return value
+def _inserted_id(result: CursorResult[Any]) -> int:
+    """The primary key of the one row an INSERT added."""
+    key = result.inserted_primary_key
+    if key is None:  # pragma: no cover - SQLite returns the rowid of every single-row INSERT
+        raise RuntimeError("the INSERT returned no primary key")
+    return int(key[0])
+
+
+def _finite_or_none(values: Sequence[Any]) -> list[Any]:
+    """Float values with NaN and ±inf as None: SQLite stores them badly and JSON cannot hold them."""
+    return [v if v is None or isfinite(v) else None for v in values]
+
+
+def _clean_column(column: Column[Any], values: Sequence[Any]) -> Sequence[Any]:
+    """Values of one column ready for the SQLite driver (as SQLAlchemy's types would bind them)."""
+    if isinstance(column.type, Float):
+        return _finite_or_none(values)
+    if isinstance(column.type, JSON):
+        return [json.dumps(v) for v in values]
+    return values
+
+
+def _column_values(values: Any, start: int, stop: int, length: int) -> Sequence[Any]:
+    """Rows [start, stop) of a column given as an array, a list, or one value for every row."""
+    if isinstance(values, np.ndarray):
+        part = values[start:stop]
+        if part.dtype.kind == "f":
+            objects = part.astype(object)
+            objects[~np.isfinite(part)] = None  # NaN handling for the whole chunk at once
+            return list(objects)
+        return part.tolist()
+    if isinstance(values, list | tuple):
+        return values[start:stop]
+    return [values] * (stop - start)
 
 
 class AtlasStore:
@@ -514,7 +561,7 @@ class AtlasStore:
                     stages=[],
                 )
             )
-            return int(result.inserted_primary_key[0])
+            return _inserted_id(result)
 
     def update_run(self, run_id: int, **values: Any) -> None:
         with self.engine.begin() as conn:
@@ -578,7 +625,7 @@ class AtlasStore:
             if existing is not None:
                 return int(existing)
             result = conn.execute(insert(models).values(run_id=run_id, **values))
-            return int(result.inserted_primary_key[0])
+            return _inserted_id(result)
 
     def model_ids(self, run_id: int) -> dict[str, int]:
         with self.engine.connect() as conn:
@@ -588,34 +635,83 @@ class AtlasStore:
     def write_vocab(self, run_id: int, token_texts: Sequence[str]) -> None:
         with self.engine.begin() as conn:
             conn.execute(delete(vocab).where(vocab.c.run_id == run_id))
-        self.insert_rows(vocab, ({"run_id": run_id, "token_id": i, "text": text} for i, text in enumerate(token_texts)))
+        ids = np.arange(len(token_texts))
+        self.insert_columns(vocab, {"run_id": run_id, "token_id": ids, "text": list(token_texts)})
 
     # --- results ------------------------------------------------------------------------------------------
 
     def clear_model_tables(self, model_ids: Iterable[int], tables: Iterable[Table]) -> None:
-        """Delete a stage's earlier rows for these models, so that re-running a stage is idempotent."""
+        """Delete the rows these tables hold for these models (before a stage or an import writes them again, so
+        that re-writing is idempotent; the tables a stage owns are its `precompute.stages.base.Stage.tables`)."""
         ids = list(model_ids)
         with self.engine.begin() as conn:
             for table in tables:
                 conn.execute(delete(table).where(table.c.model_id.in_(ids)))
 
     def insert_rows(self, table: Table, rows: Iterable[Mapping[str, Any]], chunk: int = WRITE_CHUNK_ROWS) -> int:
-        """Insert rows in chunks, one transaction per chunk. Returns the number of rows written."""
+        """Insert rows in chunks, one transaction per chunk. Returns the number of rows written.
+
+        Rows of one chunk with the same keys go in one ``executemany`` of plain tuples; NaN and ±inf in Float
+        columns become NULL, JSON columns are serialised.
+        """
         written = 0
-        buffer: list[dict[str, Any]] = []
+        buffer: list[Mapping[str, Any]] = []
         for row in rows:
-            buffer.append({key: _json_safe(value) for key, value in row.items()})
+            buffer.append(row)
             if len(buffer) >= chunk:
-                written += self._insert_chunk(table, buffer)
+                written += self._insert_mappings(table, buffer)
                 buffer = []
         if buffer:
-            written += self._insert_chunk(table, buffer)
+            written += self._insert_mappings(table, buffer)
         return written
 
-    def _insert_chunk(self, table: Table, rows: list[dict[str, Any]]) -> int:
-        with self.engine.begin() as conn:
-            conn.execute(insert(table), rows)
+    def insert_columns(self, table: Table, columns: Mapping[str, Any], chunk: int = WRITE_CHUNK_ROWS) -> int:
+        """Insert rows given column by column: NumPy arrays or lists of equal length, or one value for every row
+        (e.g. the model id). Converted a chunk at a time, NaN handled per array. Returns the rows written.
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder, AtlasStore(Path(folder) / "a.db") as store:
+        ...     run = store.create_run({}, {}, {})
+        ...     store.insert_columns(vocab, {"run_id": run, "token_id": np.arange(3), "text": ["a", "b", "c"]})
+        3
+        """
+        lengths = {len(v) for v in columns.values() if isinstance(v, np.ndarray | list | tuple)}
+        if len(lengths) > 1:
+            raise ValueError(f"columns of {table.name} differ in length: {sorted(lengths)}")
+        length = lengths.pop() if lengths else 1
+        names = list(columns)
+        for start in range(0, length, chunk):
+            stop = min(start + chunk, length)
+            values = [_column_values(columns[name], start, stop, length) for name in names]
+            self._execute_insert(table, names, values)
+        return length
+
+    def model_columns(self, table: Table, model_id: int, columns: Sequence[str]) -> dict[str, np.ndarray]:
+        """Numeric columns of one model's rows of a per-neuron table, in (layer, neuron) order, float64 with NULL
+        as NaN (empty arrays when the table holds none): a stage reading what an earlier stage of the run wrote."""
+        names = ", ".join(f'"{name}"' for name in columns)
+        sql = f'SELECT {names} FROM "{table.name}" WHERE model_id = ? ORDER BY layer, neuron'
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(sql, (model_id,)).fetchall()
+        values = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
+        values = values.reshape(len(rows), len(columns))
+        return {name: values[:, i] for i, name in enumerate(columns)}
+
+    def _insert_mappings(self, table: Table, rows: Sequence[Mapping[str, Any]]) -> int:
+        groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
+        for row in rows:
+            groups.setdefault(tuple(row), []).append(row)
+        for names, group in groups.items():
+            self._execute_insert(table, list(names), [[row[name] for row in group] for name in names])
         return len(rows)
+
+    def _execute_insert(self, table: Table, names: Sequence[str], columns: Sequence[Sequence[Any]]) -> None:
+        """One transaction: INSERT the rows of these columns with ``executemany`` (no per-row SQLAlchemy work)."""
+        cleaned = [_clean_column(table.c[name], values) for name, values in zip(names, columns, strict=True)]
+        quoted = ", ".join(f'"{name}"' for name in names)
+        sql = f'INSERT INTO "{table.name}" ({quoted}) VALUES ({", ".join("?" * len(names))})'
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(sql, list(zip(*cleaned, strict=True)))
 
 
 def blob(array: Any) -> bytes:
@@ -625,7 +721,8 @@ def blob(array: Any) -> bytes:
 
 __all__ = [
     "ALEMBIC_DIR",
-    "CORRELATION_TABLES",
+    "WRITE_CHUNK_BYTES",
+    "WRITE_CHUNK_ROWS",
     "AtlasStore",
     "blob",
     "config_hash",

@@ -1,4 +1,4 @@
-"""From per-partner correlations to per-neuron universality scores, and the rows the store keeps.
+"""From per-partner correlations to per-neuron universality scores, and the rows the store keeps (pure functions).
 
 For neuron i of model x and each partner y: maxcorr_y(i) (the best partner neuron, all layers, signed max) and
 baseline_y(i) (the best rotated unit). Over partners: max/mean/min of both, and the excess correlation
@@ -9,16 +9,13 @@ A model gets these aggregates only when every other model of the run is among it
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from precompute.correlation import ModelShape, PartnerResult
-
-logger = logging.getLogger(__name__)
 
 #: Fixed histogram edges for the distributions the dashboard plots (paper Fig. 2a / Fig. 11).
 DISTRIBUTION_EDGES = {
@@ -72,79 +69,74 @@ def score_model(
     )
 
 
-def _number(value: float) -> float | None:
-    return None if not np.isfinite(value) else float(value)
+def neuron_columns(model_id: int, shape: ModelShape, scores: NeuronScores, threshold: float) -> dict[str, Any]:
+    """The ``neurons`` rows of one model, column by column (`precompute.store.AtlasStore.insert_columns`; NaN is
+    NULL)."""
+    flat = np.arange(shape.n_neurons)
+    excess = scores.excess_corr
+    universal = (excess > threshold).astype(object)
+    universal[~np.isfinite(excess)] = None
+    return {
+        "model_id": model_id,
+        "layer": flat // shape.d_mlp,
+        "neuron": flat % shape.d_mlp,
+        "dead": scores.dead.astype(bool),
+        **{name: getattr(scores, name) for name in ("max_corr", "mean_corr", "min_corr")},
+        **{name: getattr(scores, name) for name in ("max_baseline", "mean_baseline", "min_baseline")},
+        "excess_corr": excess,
+        "universal": list(universal),
+    }
 
 
-def neuron_rows(model_id: int, shape: ModelShape, scores: NeuronScores, threshold: float) -> Iterator[dict]:
-    for flat in range(shape.n_neurons):
-        excess = _number(scores.excess_corr[flat])
-        yield {
-            "model_id": model_id,
-            "layer": flat // shape.d_mlp,
-            "neuron": flat % shape.d_mlp,
-            "dead": bool(scores.dead[flat]),
-            "max_corr": _number(scores.max_corr[flat]),
-            "mean_corr": _number(scores.mean_corr[flat]),
-            "min_corr": _number(scores.min_corr[flat]),
-            "max_baseline": _number(scores.max_baseline[flat]),
-            "mean_baseline": _number(scores.mean_baseline[flat]),
-            "min_baseline": _number(scores.min_baseline[flat]),
-            "excess_corr": excess,
-            "universal": None if excess is None else excess > threshold,
-        }
-
-
-def partner_rows(
+def partner_columns(
     model_id: int,
     partner_id: int,
     shape: ModelShape,
     partner: ModelShape,
     result: PartnerResult,
     dead: np.ndarray,
-) -> Iterator[dict]:
-    """One row per live neuron: its best partner neuron and its best rotated unit."""
+) -> dict[str, Any]:
+    """One row per live neuron: its best partner neuron and its best rotated unit (columns)."""
     top_corr, top_index = result.top_corr[:, 0].numpy(), result.top_index[:, 0].numpy()
     base_corr, base_index = result.baseline_corr.numpy(), result.baseline_index.numpy()
-    for flat in np.flatnonzero(~dead & np.isfinite(top_corr) & np.isfinite(base_corr)):
-        yield {
-            "model_id": model_id,
-            "layer": int(flat // shape.d_mlp),
-            "neuron": int(flat % shape.d_mlp),
-            "partner_model_id": partner_id,
-            "max_corr": float(top_corr[flat]),
-            "max_layer": int(top_index[flat] // partner.d_mlp),
-            "max_neuron": int(top_index[flat] % partner.d_mlp),
-            "baseline_corr": float(base_corr[flat]),
-            "baseline_layer": int(base_index[flat] // partner.d_mlp),
-            "baseline_unit": int(base_index[flat] % partner.d_mlp),
-        }
+    flat = np.flatnonzero(~dead & np.isfinite(top_corr) & np.isfinite(base_corr))
+    return {
+        "model_id": model_id,
+        "layer": flat // shape.d_mlp,
+        "neuron": flat % shape.d_mlp,
+        "partner_model_id": partner_id,
+        "max_corr": top_corr[flat],
+        "max_layer": top_index[flat] // partner.d_mlp,
+        "max_neuron": top_index[flat] % partner.d_mlp,
+        "baseline_corr": base_corr[flat],
+        "baseline_layer": base_index[flat] // partner.d_mlp,
+        "baseline_unit": base_index[flat] % partner.d_mlp,
+    }
 
 
-def match_rows(
+def match_columns(
     model_id: int,
     partner_id: int,
     shape: ModelShape,
     partner: ModelShape,
     result: PartnerResult,
     dead: np.ndarray,
-) -> Iterator[dict]:
-    """The top-k partner neurons of every live neuron, best first."""
+) -> dict[str, Any]:
+    """The top-k partner neurons of every live neuron, best first, up to the first undefined one (columns)."""
     corr, index = result.top_corr.numpy(), result.top_index.numpy()
-    for flat in np.flatnonzero(~dead):
-        for rank in range(corr.shape[1]):
-            if not np.isfinite(corr[flat, rank]):
-                break
-            yield {
-                "model_id": model_id,
-                "layer": int(flat // shape.d_mlp),
-                "neuron": int(flat % shape.d_mlp),
-                "partner_model_id": partner_id,
-                "rank": rank,
-                "partner_layer": int(index[flat, rank] // partner.d_mlp),
-                "partner_neuron": int(index[flat, rank] % partner.d_mlp),
-                "corr": float(corr[flat, rank]),
-            }
+    # a rank is kept while every rank before it is finite (the writer used to stop at the first non-finite one)
+    keep = np.cumprod(np.isfinite(corr), axis=1).astype(bool) & ~dead[:, None]
+    flat, rank = np.nonzero(keep)
+    return {
+        "model_id": model_id,
+        "layer": flat // shape.d_mlp,
+        "neuron": flat % shape.d_mlp,
+        "partner_model_id": partner_id,
+        "rank": rank,
+        "partner_layer": index[flat, rank] // partner.d_mlp,
+        "partner_neuron": index[flat, rank] % partner.d_mlp,
+        "corr": corr[flat, rank],
+    }
 
 
 def layer_summary_rows(model_id: int, shape: ModelShape, scores: NeuronScores, threshold: float) -> list[dict]:
@@ -195,68 +187,3 @@ def universal_fraction(scores: Sequence[NeuronScores], threshold: float) -> list
         finite = np.isfinite(s.excess_corr)
         out.append(float((s.excess_corr[finite] > threshold).sum() / s.excess_corr.size) if finite.any() else None)
     return out
-
-
-class CorrelationStage:
-    """The ``correlations`` stage: runs the `CorrelationEngine` and writes the universality tables."""
-
-    name = "correlations"
-
-    def __init__(self, context: Any) -> None:
-        from precompute.correlation import CorrelationEngine
-
-        self.shapes = [ModelShape(m.name, m.n_layers, m.d_mlp) for m in context.models]
-        self.engine = CorrelationEngine(self.shapes, context.config.correlation, device=context.config.device)
-        self.hooks = self.engine.hooks
-        logger.info(
-            "correlations: %d model pairs in %d pass(es), %s products",
-            len(self.engine.pairs),
-            self.engine.n_passes,
-            self.engine.precision,
-        )
-
-    @property
-    def done_streaming(self) -> bool:
-        return self.engine.done
-
-    def update(self, batch: Any) -> None:
-        self.engine.update(batch)
-
-    def finish_pass(self) -> None:
-        self.engine.finish_pass()
-
-    def state_dict(self) -> dict:
-        return self.engine.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.engine.load_state_dict(state)
-
-    def write(self, context: Any) -> None:
-        from precompute.store import (
-            CORRELATION_TABLES,
-            distributions,
-            layer_summaries,
-            matches,
-            neurons,
-            partner_scores,
-        )
-
-        store, threshold = context.store, context.config.threshold
-        ids = [context.model_ids[shape.name] for shape in self.shapes]
-        store.clear_model_tables(ids, CORRELATION_TABLES)
-        dead = [self.engine.dead_neurons(i).numpy() for i in range(len(self.shapes))]
-        all_scores = []
-        for index, shape in enumerate(self.shapes):
-            scores = score_model(index, len(self.shapes), self.engine.results, dead[index])
-            all_scores.append(scores)
-            store.insert_rows(neurons, neuron_rows(ids[index], shape, scores, threshold))
-            store.insert_rows(layer_summaries, layer_summary_rows(ids[index], shape, scores, threshold))
-            store.insert_rows(distributions, distribution_rows(ids[index], scores))
-        for (x, y), result in self.engine.results.items():
-            store.insert_rows(
-                partner_scores, partner_rows(ids[x], ids[y], self.shapes[x], self.shapes[y], result, dead[x])
-            )
-            store.insert_rows(matches, match_rows(ids[x], ids[y], self.shapes[x], self.shapes[y], result, dead[x]))
-        for shape, fraction in zip(self.shapes, universal_fraction(all_scores, threshold), strict=True):
-            if fraction is not None:
-                logger.info("%s: %.2f%% of neurons have excess correlation > %s", shape.name, 100 * fraction, threshold)

@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
+
+from precompute.memory import chunk_rows
+from precompute.models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +114,7 @@ class VocabProjection:
     embed_top_values: np.ndarray  # [n_layers, d_mlp, top_k] float32
 
 
-def processed_weights(model: Any) -> NeuronWeights:
+def processed_weights(model: LoadedModel) -> NeuronWeights:
     """The processed weights of a `LoadedModel` (its bridge after ``enable_compatibility_mode``).
 
     W_U and W_E are trimmed to the tokenizer's real vocabulary when the model pads its embedding (Pythia:
@@ -121,7 +123,9 @@ def processed_weights(model: Any) -> NeuronWeights:
     bridge = model.bridge
 
     def grab(name: str) -> torch.Tensor:
-        return getattr(bridge, name).detach().to(device="cpu", dtype=torch.float32).clone()
+        # No copy where the bridge already gives a float32 CPU tensor: W_U and W_E are its parameters (nothing here
+        # writes to them), W_in and W_out are stacked afresh on every access.
+        return getattr(bridge, name).detach().to(device="cpu", dtype=torch.float32)
 
     W_U, W_E = grab("W_U"), grab("W_E")
     n_real = min(int(W_U.shape[1]), len(model.tokenizer))
@@ -130,6 +134,17 @@ def processed_weights(model: Any) -> NeuronWeights:
     return NeuronWeights(
         W_in=grab("W_in"), b_in=grab("b_in"), W_out=grab("W_out"), W_U=W_U[:, :n_real], W_E=W_E[:n_real]
     )
+
+
+def weights_bytes(model: LoadedModel) -> int:
+    """What `processed_weights`, `weight_statistics` and `vocab_projection` hold at most, for the memory plan: W_in
+    and W_out stacked from the blocks, W_U's unit columns, the statistics, and one chunk of neurons (float64
+    copies of w_in and w_out, vocabulary cosines and their powers; or a chunk of logits)."""
+    n, d_vocab, d_model = model.n_neurons, model.d_vocab, model.d_model
+    stacked = 2 * n * d_model * 4 + n * 4
+    chunk = min(256, chunk_rows(d_vocab, 8 * 3))
+    working = chunk * (d_vocab * (4 + 8 + 8 + 4) + 4 * d_model * 8)  # logits, cosines, squares, W_E products
+    return stacked + d_vocab * 8 + len(WEIGHT_STAT_COLUMNS) * n * 8 + working
 
 
 def default_null_space_dim(d_model: int) -> int:
@@ -175,8 +190,12 @@ def near_null_space(W_U: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     if not 1 <= dim <= d_model - 1:
         raise WeightError(f"null space dimension must be between 1 and d_model - 1 = {d_model - 1}, got {dim}")
     basis = centred_basis(d_model)
-    projected = basis.T @ W_U.to(torch.float64)  # [d_model - 1, d_vocab]
-    _, vectors = torch.linalg.eigh(projected @ projected.T)  # ascending eigenvalues = squared singular values
+    # (basis^T W_U)(basis^T W_U)^T from W_U W_U^T summed over vocabulary chunks: no float64 copy of W_U
+    outer = torch.zeros(d_model, d_model, dtype=torch.float64)
+    for start in range(0, int(W_U.shape[1]), chunk_rows(d_model)):
+        part = W_U[:, start : start + chunk_rows(d_model)].to(torch.float64)
+        outer += part @ part.T
+    _, vectors = torch.linalg.eigh(basis.T @ outer @ basis)  # ascending eigenvalues = squared singular values
     return basis @ vectors[:, :dim]
 
 
@@ -190,14 +209,17 @@ def random_direction_vocab_var(W_U: torch.Tensor) -> float:
     >>> abs(random_direction_vocab_var(W_U) * 63 - 1) < 0.01
     True
     """
-    unit = W_U.to(torch.float64) / W_U.to(torch.float64).norm(dim=0).clamp_min(_EPS)
-    mean = unit.mean(dim=1)
-    trace_cov = float((unit * unit).sum(dim=0).mean() - mean @ mean)
+    d_model, d_vocab = int(W_U.shape[0]), int(W_U.shape[1])
+    unit_sum = torch.zeros(d_model, dtype=torch.float64)
+    square_sum = 0.0
+    for start in range(0, d_vocab, chunk_rows(d_model)):  # vocabulary chunks: no float64 copy of W_U
+        part = W_U[:, start : start + chunk_rows(d_model)].to(torch.float64)
+        unit = part / part.norm(dim=0).clamp_min(_EPS)
+        unit_sum += unit.sum(dim=1)
+        square_sum += float((unit * unit).sum())
+    mean = unit_sum / d_vocab
+    trace_cov = square_sum / d_vocab - float(mean @ mean)
     return trace_cov / (W_U.shape[0] - 1)
-
-
-def _unit_columns(W_U: torch.Tensor) -> torch.Tensor:
-    return W_U / W_U.norm(dim=0, keepdim=True).clamp_min(_EPS)
 
 
 def weight_statistics(
@@ -208,7 +230,7 @@ def weight_statistics(
     Args:
         weights: processed weights (`processed_weights`).
         null_space_dim: the dimension of W_U's near-null space (`near_null_space`); default 1/64 of d_model.
-        chunk_size: neurons per vocabulary-cosine block (memory ≈ chunk_size × d_vocab × 12 bytes).
+        chunk_size: neurons per vocabulary-cosine block (memory ≈ chunk_size × d_vocab × 24 bytes).
 
     Returns:
         one array per name in `WEIGHT_STAT_COLUMNS`.
@@ -220,40 +242,7 @@ def weight_statistics(
     >>> sorted(stats) == sorted(WEIGHT_STAT_COLUMNS), stats["vocab_kurt"].shape
     (True, (1, 3))
     """
-    if chunk_size < 1:
-        raise WeightError(f"chunk_size must be positive, got {chunk_size}")
-    n_layers, d_mlp = weights.n_layers, weights.d_mlp
-    w_in = weights.W_in.transpose(1, 2).reshape(-1, weights.d_model).to(torch.float64)  # [n_neurons, d_model]
-    w_out = weights.W_out.reshape(-1, weights.d_model).to(torch.float64)
-    in_norm, out_norm = w_in.norm(dim=1), w_out.norm(dim=1)
-    stats: dict[str, torch.Tensor] = {
-        "w_in_norm": in_norm,
-        "w_out_norm": out_norm,
-        "input_bias": weights.b_in.reshape(-1).to(torch.float64),
-        "in_out_sim": (w_in * w_out).sum(dim=1) / (in_norm * out_norm).clamp_min(_EPS),
-        "l2_penalty": in_norm**2 + out_norm**2,
-    }
-    null = near_null_space(weights.W_U, null_space_dim)
-    centred_out = w_out - w_out.mean(dim=1, keepdim=True)  # a no-op after centre_writing_weights
-    stats["null_space_fraction"] = (centred_out @ null).pow(2).sum(dim=1) / centred_out.pow(2).sum(dim=1).clamp_min(
-        _EPS
-    )
-    unit_U = _unit_columns(weights.W_U.to(torch.float32))
-    moments = torch.empty(4, w_out.shape[0], dtype=torch.float64)
-    for start in range(0, w_out.shape[0], chunk_size):
-        block = w_out[start : start + chunk_size]
-        unit_out = (block / block.norm(dim=1, keepdim=True).clamp_min(_EPS)).to(torch.float32)
-        cos = (unit_out @ unit_U).to(torch.float64)  # [chunk, d_vocab]
-        mean = cos.mean(dim=1, keepdim=True)
-        centred = cos - mean
-        var = centred.pow(2).mean(dim=1)
-        moments[0, start : start + chunk_size] = mean[:, 0]
-        moments[1, start : start + chunk_size] = var
-        moments[2, start : start + chunk_size] = centred.pow(3).mean(dim=1) / var.clamp_min(_EPS).pow(1.5)
-        moments[3, start : start + chunk_size] = centred.pow(4).mean(dim=1) / var.clamp_min(_EPS).pow(2)
-    for index, name in enumerate(("vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt")):
-        stats[name] = moments[index]
-    return {name: stats[name].reshape(n_layers, d_mlp).numpy() for name in WEIGHT_STAT_COLUMNS}
+    return weight_tables(weights, null_space_dim, top_k=None, chunk_size=chunk_size)[0]
 
 
 def vocab_projection(weights: NeuronWeights, top_k: int = 20, chunk_size: int = 256) -> VocabProjection:
@@ -270,25 +259,74 @@ def vocab_projection(weights: NeuronWeights, top_k: int = 20, chunk_size: int = 
     >>> p.unembed_top_ids[0, 0].tolist(), p.unembed_bottom_ids[0, 0].tolist(), p.unembed_top_values[0, 0].tolist()
     ([1, 0], [2, 0], [2.0, 0.0])
     """
-    if not 1 <= top_k <= weights.d_vocab:
+    projection = weight_tables(weights, top_k=top_k, chunk_size=chunk_size)[1]
+    assert projection is not None
+    return projection
+
+
+def weight_tables(
+    weights: NeuronWeights, null_space_dim: int | None = None, top_k: int | None = 20, chunk_size: int = 256
+) -> tuple[dict[str, np.ndarray], VocabProjection | None]:
+    """`weight_statistics` and (unless ``top_k`` is None) `vocab_projection` in one pass over chunks of neurons.
+
+    W_U·w_out, the largest product here (50,257 tokens × 36,864 neurons for GPT2-small), is made once per chunk:
+    its top and bottom tokens are the projection, and divided by the norms it is the vocabulary cosines whose
+    moments are the ``vocab_*`` statistics. float64 copies and the cosines exist one chunk at a time.
+    """
+    if chunk_size < 1:
+        raise WeightError(f"chunk_size must be positive, got {chunk_size}")
+    if top_k is not None and not 1 <= top_k <= weights.d_vocab:
         raise WeightError(f"top_k must be between 1 and d_vocab = {weights.d_vocab}, got {top_k}")
     n_layers, d_mlp = weights.n_layers, weights.d_mlp
-    w_in = weights.W_in.transpose(1, 2).reshape(-1, weights.d_model)  # [n_neurons, d_model]
-    w_out = weights.W_out.reshape(-1, weights.d_model)
-    n_neurons = w_out.shape[0]
-    arrays = {
-        name: np.empty((n_neurons, top_k), dtype=np.int64 if name.endswith("ids") else np.float32)
-        for name in VocabProjection.__dataclass_fields__
-    }
+    chunk_size = min(chunk_size, chunk_rows(weights.d_vocab, 8 * 3))
+    w_in_all = weights.W_in.transpose(1, 2).reshape(-1, weights.d_model)  # [n_neurons, d_model]
+    w_out_all = weights.W_out.reshape(-1, weights.d_model)
+    n_neurons = w_out_all.shape[0]
+    null = near_null_space(weights.W_U, null_space_dim)
+    W_U = weights.W_U.to(torch.float32)
+    U_norm = W_U.norm(dim=0).clamp_min(_EPS).double()  # [d_vocab]
+    stats = {name: torch.empty(n_neurons, dtype=torch.float64) for name in WEIGHT_STAT_COLUMNS}
+    stats["input_bias"] = weights.b_in.reshape(-1).to(torch.float64)
+    arrays = {}
+    if top_k is not None:
+        arrays = {
+            name: np.empty((n_neurons, top_k), dtype=np.int64 if name.endswith("ids") else np.float32)
+            for name in VocabProjection.__dataclass_fields__
+        }
     for start in range(0, n_neurons, chunk_size):
         part = slice(start, start + chunk_size)
-        logits = w_out[part] @ weights.W_U  # [chunk, d_vocab]
-        for prefix, largest in (("unembed_top", True), ("unembed_bottom", False)):
-            values, ids = torch.topk(logits, top_k, dim=1, largest=largest, sorted=True)
-            arrays[f"{prefix}_values"][part], arrays[f"{prefix}_ids"][part] = values.numpy(), ids.numpy()
-        values, ids = torch.topk(w_in[part] @ weights.W_E.T, top_k, dim=1, sorted=True)
-        arrays["embed_top_values"][part], arrays["embed_top_ids"][part] = values.numpy(), ids.numpy()
-    return VocabProjection(**{name: a.reshape(n_layers, d_mlp, top_k) for name, a in arrays.items()})
+        w_in, w_out = w_in_all[part].to(torch.float64), w_out_all[part].to(torch.float64)
+        in_norm, out_norm = w_in.norm(dim=1), w_out.norm(dim=1)
+        stats["w_in_norm"][part] = in_norm
+        stats["w_out_norm"][part] = out_norm
+        stats["in_out_sim"][part] = (w_in * w_out).sum(dim=1) / (in_norm * out_norm).clamp_min(_EPS)
+        stats["l2_penalty"][part] = in_norm**2 + out_norm**2
+        centred_out = w_out - w_out.mean(dim=1, keepdim=True)  # a no-op after centre_writing_weights
+        stats["null_space_fraction"][part] = (centred_out @ null).pow(2).sum(dim=1) / centred_out.pow(2).sum(
+            dim=1
+        ).clamp_min(_EPS)
+        logits = w_out_all[part].to(torch.float32) @ W_U  # [chunk, d_vocab]
+        if top_k is not None:
+            for prefix, largest in (("unembed_top", True), ("unembed_bottom", False)):
+                values, ids = torch.topk(logits, top_k, dim=1, largest=largest, sorted=True)
+                arrays[f"{prefix}_values"][part], arrays[f"{prefix}_ids"][part] = values.numpy(), ids.numpy()
+            values, ids = torch.topk(w_in_all[part].to(torch.float32) @ weights.W_E.T, top_k, dim=1, sorted=True)
+            arrays["embed_top_values"][part], arrays["embed_top_ids"][part] = values.numpy(), ids.numpy()
+        cos = logits.double().div_(out_norm.clamp_min(_EPS).unsqueeze(1)).div_(U_norm)  # [chunk, d_vocab]
+        del logits
+        mean = cos.mean(dim=1, keepdim=True)
+        centred = cos.sub_(mean)
+        square = centred * centred
+        var = square.mean(dim=1)
+        stats["vocab_mean"][part] = mean[:, 0]
+        stats["vocab_var"][part] = var
+        third, fourth = (torch.linalg.vecdot(square, x) / weights.d_vocab for x in (centred, square))
+        stats["vocab_skew"][part] = third / var.clamp_min(_EPS).pow(1.5)
+        stats["vocab_kurt"][part] = fourth / var.clamp_min(_EPS).pow(2)
+    statistics = {name: stats[name].reshape(n_layers, d_mlp).numpy() for name in WEIGHT_STAT_COLUMNS}
+    if top_k is None:
+        return statistics, None
+    return statistics, VocabProjection(**{name: a.reshape(n_layers, d_mlp, top_k) for name, a in arrays.items()})
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -301,14 +339,14 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a64 @ b64 / max(float(a64.norm() * b64.norm()), _EPS))
 
 
-def bos_token_id(model: Any) -> int:
+def bos_token_id(model: LoadedModel) -> int:
     """The BOS id (GPT-2: BOS = EOS); falls back to EOS for tokenizers without a BOS."""
     tokenizer = model.tokenizer
     return int(tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id)
 
 
 @torch.inference_mode()
-def bos_query_directions(model: Any) -> torch.Tensor:
+def bos_query_directions(model: LoadedModel) -> torch.Tensor:
     """W_Q k_BOS / √d_head per layer and head [n_layers, n_heads, d_model] (float32, CPU).
 
     k_BOS (b_K included) is the key of each head when the model runs on the BOS token alone; since attention is
@@ -366,4 +404,5 @@ __all__ = [
     "random_direction_vocab_var",
     "vocab_projection",
     "weight_statistics",
+    "weight_tables",
 ]

@@ -31,8 +31,12 @@
     if (el.title) { el.dataset.v = el.title; el.removeAttribute("title"); }
     if (!tip) { tip = document.createElement("div"); tip.id = "tip"; document.body.appendChild(tip); }
     var row = el.closest("[data-who]");
-    tip.textContent = (row ? row.dataset.who + "\n" : "") + "activation " + el.dataset.v + "\ntoken " +
-      JSON.stringify(el.textContent);
+    if (el.dataset.tip) {  // a token that lists its own details (the top neurons of a text's token)
+      tip.textContent = el.dataset.tip;
+    } else {
+      tip.textContent = (row ? row.dataset.who + "\n" : "") + "activation " + el.dataset.v + "\ntoken " +
+        JSON.stringify(el.textContent);
+    }
     tip.classList.add("on");
     moveTip(event);
   }
@@ -61,6 +65,25 @@
     var partial = new URL(form.dataset.partial, window.location.origin);
     partial.searchParams.set("text", text);
     window.htmx.ajax("GET", partial.pathname + partial.search, { target: form.dataset.target, swap: "innerHTML" });
+  });
+
+  // A live fragment that found the server busy (503 with Retry-After: every live slot taken, e.g. while a shared
+  // link loads the twins, the live text and an intervention at once) asks again after the wait, a few times.
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var detail = event.detail;
+    var config = detail.requestConfig;
+    var wait = detail.xhr && detail.xhr.status === 503 ? parseFloat(detail.xhr.getResponseHeader("Retry-After")) : NaN;
+    var source = config && config.elt;
+    if (!(wait > 0) || !source || !window.htmx) return;
+    var tries = Number(source.dataset.busyTries || 0);
+    if (tries >= 5) return;
+    source.dataset.busyTries = String(tries + 1);
+    detail.shouldSwap = false;
+    window.setTimeout(function () {
+      window.htmx.ajax(config.verb.toUpperCase(), config.path, {
+        source: source, target: detail.target, swap: source.getAttribute("hx-swap") || "innerHTML"
+      });
+    }, wait * 1000);
   });
 
   // Threshold slider (front page): shown only with JavaScript; it moves the number field (the form's real input,

@@ -1,7 +1,7 @@
 """Fixture atlas files for the dashboard's tests, built with the real precompute (nothing mocked).
 
 `build_atlas` runs ``universal-neurons precompute`` on a tiny family with the real stages: correlations and the
-analyses (precompute/stats.py, examples.py, families.py, roles.py).
+analyses (precompute/stages/stats.py, examples.py, families.py, roles.py).
 
 `build_xss_family` makes a family whose vocabulary holds HTML/JS-like tokens (``<script>alert(1)</script>``,
 ``" onmouseover="...``) and control characters, for the escaping tests.
@@ -30,7 +30,7 @@ NASTY_TOKENS = (
 
 def precompute(db: Path, models: Sequence[Path], tokens: int = 6000, extra: Sequence[str] = ()) -> None:
     """Run the real precompute CLI; raises if it fails."""
-    from precompute.cli import main
+    from cli.main import main
 
     code = main(["precompute", "--db", str(db), "--tokens", str(tokens), *extra, *(str(m) for m in models)])
     if code != 0:
@@ -96,13 +96,13 @@ def xss_template() -> Path:
 
 def build_xss_family(root: Path, seeds: Sequence[int] = (0, 1)) -> tuple[list[Path], Path]:
     """Tiny models whose tokenizer contains `NASTY_TOKENS`, and a text file full of them to precompute on."""
-    from precompute import corpus
+    from precompute.training.tokenizer import load_tokenizer
     from tests.factories import tiny_gpt2, tiny_tokenizer
 
     base = tiny_tokenizer(512)
     folder = root / "xss-tokenizer"
     base.save_pretrained(folder)
-    tokenizer = corpus.load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
     tokenizer.add_tokens(list(NASTY_TOKENS))
     tokenizer.save_pretrained(folder)
     vocab_size = len(tokenizer)
@@ -110,7 +110,7 @@ def build_xss_family(root: Path, seeds: Sequence[int] = (0, 1)) -> tuple[list[Pa
     for seed in seeds:
         path = tiny_gpt2(root / f"xss-{seed}", seed=seed, vocab_size=512)
         _resize_vocab(path, vocab_size)
-        corpus.load_tokenizer(folder).save_pretrained(path)
+        load_tokenizer(folder).save_pretrained(path)
         models.append(path)
     text = root / "nasty.txt"
     words = ["def f(x):", "return x", *NASTY_TOKENS, "print('hi')", "<div>", "&amp;"]
@@ -127,3 +127,28 @@ def _resize_vocab(folder: Path, vocab_size: int) -> None:
     torch.manual_seed(vocab_size)
     model.resize_token_embeddings(vocab_size, mean_resizing=False)
     model.save_pretrained(folder)
+
+
+#: The planted family (`planted_template`): a last-layer neuron of ``plant-a`` whose output writes `PLANTED_TOKEN`.
+PLANTED = {"layer": 1, "neuron": 7, "token": 100}
+
+
+@functools.cache
+def planted_template() -> tuple[Path, dict[str, list]]:
+    """An atlas of ``plant-a`` (a tiny GPT-2 with `PLANTED`'s neuron made a prediction neuron) and two copies with
+    their neurons permuted (``plant-b``, ``plant-c``): correlations and activation statistics, built once per
+    process. Returns the file and each copy's permutations (neuron ``perm[j]`` of plant-a is neuron ``j``)."""
+    from tests.factories import permuted_copy, plant_prediction_neuron, tiny_gpt2
+
+    root = Path(tempfile.mkdtemp(prefix="atlas-planted-"))
+    base = tiny_gpt2(root / "plant-a", seed=3)
+    plant_prediction_neuron(base, PLANTED["layer"], PLANTED["neuron"], PLANTED["token"])
+    permutations = {
+        "plant-b": permuted_copy(base, root / "plant-b", seed=4),
+        "plant-c": permuted_copy(base, root / "plant-c", seed=5),
+    }
+    db = root / "planted.db"
+    precompute(
+        db, [base, root / "plant-b", root / "plant-c"], 2000, ["--threshold", "0.3", "--stages", "correlations,stats"]
+    )
+    return db, permutations

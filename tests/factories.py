@@ -1,4 +1,5 @@
-"""Data factories for tests: tiny tokenizers and tiny GPT-2 model folders, built for real (nothing mocked).
+"""Data factories for tests: tiny tokenizers and tiny GPT-2 model folders, built for real (nothing mocked), and
+perturbed copies of the paper's published tables (a comparison with a known answer).
 
 A model folder is what a Hugging Face hub cache holds (config.json, safetensors weights, tokenizer files), so
 tests exercise the same local-folder path that users take.
@@ -6,14 +7,19 @@ tests exercise the same local-folder path that users take.
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from precompute import corpus
+from precompute.published import paper_table
+from precompute.stdlib_corpus import stdlib_documents
+from precompute.training.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
 
 TINY = {"n_layers": 2, "d_model": 32, "d_mlp": 64, "n_heads": 2, "ctx": 64}
 
@@ -24,13 +30,13 @@ def _tokenizer_folder(vocab_size: int) -> Path:
     import tempfile
 
     folder = Path(tempfile.mkdtemp(prefix=f"tokenizer-{vocab_size}-"))
-    texts = corpus.stdlib_documents("validation")[:40]
-    corpus.save_tokenizer(corpus.train_bpe_tokenizer(texts, vocab_size=vocab_size), folder)
+    texts = stdlib_documents("validation")[:40]
+    save_tokenizer(train_bpe_tokenizer(texts, vocab_size=vocab_size), folder)
     return folder
 
 
 def tiny_tokenizer(vocab_size: int = 512):
-    return corpus.load_tokenizer(_tokenizer_folder(vocab_size))
+    return load_tokenizer(_tokenizer_folder(vocab_size))
 
 
 def tiny_gpt2(folder: Path, seed: int = 0, vocab_size: int = 512, **overrides: int) -> Path:
@@ -81,5 +87,108 @@ def permuted_copy(source: Path, folder: Path, seed: int) -> list[np.ndarray]:
             permutations.append(perm)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    corpus.load_tokenizer(source).save_pretrained(folder)
+    load_tokenizer(source).save_pretrained(folder)
     return permutations
+
+
+def plant_prediction_neuron(folder: Path, layer: int, neuron: int, token: int, scale: float = 3.0) -> None:
+    """Make one MLP neuron a prediction neuron for `token`, in place: its output weights point along the token's
+    embedding (``c_proj.weight[neuron] = scale * wte[token] / |wte[token]|``).
+
+    GPT-2 ties the unembedding to the embedding, so up to the final LayerNorm the neuron writes into the token's
+    logit; clamping it high makes `token` the top prediction (tests/app/test_intervene.py checks that it does).
+    Its input weights are untouched, so its activations (and its twins' correlations) stay as they were.
+    """
+    model = GPT2LMHeadModel.from_pretrained(folder)
+    with torch.no_grad():
+        direction = model.transformer.wte.weight[token]
+        model.transformer.h[layer].mlp.c_proj.weight[neuron] = scale * direction / direction.norm()  # [d_mlp, d_model]
+    model.save_pretrained(folder)
+
+
+def perturb_neurons(folder: Path, layer: int, neurons: list[int], noise: float, seed: int) -> None:
+    """Add Gaussian noise (``noise`` times the weights' own scale) to the input weights and bias of some MLP neurons
+    of one layer, in place: those neurons stop being exact copies of their twins, and in the last layer nothing
+    else changes (no later MLP reads them)."""
+    model = GPT2LMHeadModel.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(seed)
+    mlp = model.transformer.h[layer].mlp
+    with torch.no_grad():
+        index = torch.tensor(neurons)
+        weight = mlp.c_fc.weight[:, index]  # Conv1D: [d_model, len(neurons)]
+        mlp.c_fc.weight[:, index] = weight + noise * weight.std() * torch.randn(weight.shape, generator=generator)
+        bias = mlp.c_fc.bias[index]
+        mlp.c_fc.bias[index] = bias + noise * bias.std() * torch.randn(bias.shape, generator=generator)
+    model.save_pretrained(folder)
+
+
+def tensor_bytes(*held: object) -> int:
+    """The bytes of every tensor and array in nested dicts, lists and tuples (objects with a ``state_dict``, such
+    as `StreamingMoments`, count by their state): what a stage really holds, to check its `memory_bytes`."""
+    total = 0
+    for item in held:
+        if isinstance(item, torch.Tensor):
+            total += item.element_size() * item.nelement()
+        elif isinstance(item, np.ndarray):
+            total += item.nbytes
+        elif isinstance(item, dict):
+            total += tensor_bytes(*item.values())
+        elif isinstance(item, list | tuple):
+            total += tensor_bytes(*item)
+        elif hasattr(item, "state_dict"):
+            total += tensor_bytes(item.state_dict())
+    return total
+
+
+# --- the paper's published tables (issue 7) ---------------------------------------------------------------
+#: The neuron perturbed most (the top small-a neuron, excess 0.821, paper-spec §2.5) and by how much.
+MOST_PERTURBED, SHIFT = (0, 2436), -0.25
+
+
+@dataclass(frozen=True)
+class Perturbed:
+    """What the perturbed table was built from: the reference rows kept, dropped and added."""
+
+    path: Path
+    original: dict[tuple[int, int], float]  # excess_corr of every published neuron
+    perturbed: dict[tuple[int, int], float]  # excess_corr of every neuron of the perturbed table
+
+
+def write_perturbed_table(folder: Path, seed: int = 0) -> Perturbed:
+    """Drop 100 neurons of the small-a table, add 50 new ones, and nudge the excess of the rest.
+
+    The nudge keeps every kept neuron above 0.5 (it is flipped upwards where it would not), so the perturbed run's
+    universal set is exactly (published − dropped) ∪ added.
+    """
+    rows = list(csv.DictReader(io.StringIO(paper_table("stanford-gpt2-small-a").read_text(encoding="utf-8"))))
+    header = list(rows[0])
+    key = [(int(r["layer"]), int(r["neuron"])) for r in rows]
+    rng = np.random.default_rng(seed)
+    candidates = [i for i, k in enumerate(key) if k != MOST_PERTURBED]
+    dropped = set(rng.choice(candidates, size=100, replace=False).tolist())
+    out = []
+    for i, row in enumerate(rows):
+        if i in dropped:
+            continue
+        excess = float(row["excess_corr"])
+        if key[i] == MOST_PERTURBED:
+            new = excess + SHIFT
+        else:
+            noise = rng.uniform(-0.002, 0.002)
+            new = excess + noise if excess + noise > 0.5 else excess + abs(noise)
+        out.append({**row, "excess_corr": repr(new)})
+    taken = set(key)
+    added = [(layer % 12, 3071 - layer) for layer in range(200) if (layer % 12, 3071 - layer) not in taken][:50]
+    assert len(added) == 50
+    for j, (layer, neuron) in enumerate(added):
+        out.append({**rows[0], "layer": str(layer), "neuron": str(neuron), "excess_corr": repr(0.6 + 0.001 * j)})
+    path = folder / "perturbed.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, header)
+        writer.writeheader()
+        writer.writerows(out)
+    return Perturbed(
+        path=path,
+        original={k: float(r["excess_corr"]) for k, r in zip(key, rows, strict=True)},
+        perturbed={(int(r["layer"]), int(r["neuron"])): float(r["excess_corr"]) for r in out},
+    )

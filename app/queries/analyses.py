@@ -18,12 +18,41 @@ Key = tuple[int, int, int]  # model_id, layer, neuron
 _WHERE = "WHERE model_id = ? AND layer = ? AND neuron = ?"
 
 
-def activation_stats(conn: sqlite3.Connection, key: Key) -> sqlite3.Row | None:
-    return conn.execute(
-        "SELECT n_tokens, pre_mean, pre_var, pre_skew, pre_kurt, pre_min, pre_max, frequency, post_mean, post_var, "
-        f"post_skew, post_kurt, post_min, post_max FROM activation_stats {_WHERE}",
-        key,
-    ).fetchone()
+#: Columns of ``activation_stats`` besides ``n_tokens``: moments of mlp.hook_pre and hook_post, firing frequency.
+ACTIVATION_STATS = (
+    "pre_mean",
+    "pre_var",
+    "pre_skew",
+    "pre_kurt",
+    "pre_min",
+    "pre_max",
+    "frequency",
+    "post_mean",
+    "post_var",
+    "post_skew",
+    "post_kurt",
+    "post_min",
+    "post_max",
+)
+#: Columns of ``weight_stats``: norms and geometry of the processed weights, then the vocabulary moments.
+WEIGHT_STATS = ("w_in_norm", "w_out_norm", "input_bias", "in_out_sim", "l2_penalty", "null_space_fraction")
+VOCAB_MOMENTS = ("vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt")
+
+
+@dataclass(frozen=True, slots=True)
+class ActivationStats:
+    n_tokens: int  # counted tokens the moments cover
+    values: dict[str, float | None]  # by `ACTIVATION_STATS` name
+
+    @property
+    def post_max(self) -> float | None:
+        """The largest hook_post activation: the examples' colour scale starts from it."""
+        return self.values["post_max"]
+
+
+def activation_stats(conn: sqlite3.Connection, key: Key) -> ActivationStats | None:
+    row = conn.execute(f"SELECT n_tokens, {', '.join(ACTIVATION_STATS)} FROM activation_stats {_WHERE}", key).fetchone()
+    return None if row is None else ActivationStats(row[0], dict(zip(ACTIVATION_STATS, row[1:], strict=True)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,12 +91,11 @@ def position_profiles(conn: sqlite3.Connection, key: Key) -> list[PositionProfil
     ]
 
 
-def weight_stats(conn: sqlite3.Connection, key: Key) -> sqlite3.Row | None:
-    return conn.execute(
-        "SELECT w_in_norm, w_out_norm, input_bias, in_out_sim, l2_penalty, vocab_mean, vocab_var, vocab_skew, "
-        f"vocab_kurt, null_space_fraction FROM weight_stats {_WHERE}",
-        key,
-    ).fetchone()
+def weight_stats(conn: sqlite3.Connection, key: Key) -> dict[str, float | None] | None:
+    """The neuron's `WEIGHT_STATS` and `VOCAB_MOMENTS` by name (None: the stats stage has not run)."""
+    names = (*WEIGHT_STATS, *VOCAB_MOMENTS)
+    row = conn.execute(f"SELECT {', '.join(names)} FROM weight_stats {_WHERE}", key).fetchone()
+    return None if row is None else dict(zip(names, row, strict=True))
 
 
 def percentiles(conn: sqlite3.Connection, key: Key) -> dict[str, float]:
@@ -75,15 +103,22 @@ def percentiles(conn: sqlite3.Connection, key: Key) -> dict[str, float]:
     return {statistic: percentile for statistic, percentile in rows}
 
 
-def token_tables(conn: sqlite3.Connection, key: Key, limit: int) -> dict[str, list[sqlite3.Row]]:
+@dataclass(frozen=True, slots=True)
+class TokenRow:
+    token_id: int
+    value: float | None
+    count: int | None  # occurrences among counted tokens (activation tables only)
+
+
+def token_tables(conn: sqlite3.Connection, key: Key, limit: int) -> dict[str, list[TokenRow]]:
     """Rows per kind (unembed_top, unembed_bottom, embed_top, mean_activation, max_activation), by rank."""
     rows = conn.execute(
-        f'SELECT kind, rank, token_id, value, "count" FROM token_tables {_WHERE} AND rank < ? ORDER BY kind, rank',
+        f'SELECT kind, token_id, value, "count" FROM token_tables {_WHERE} AND rank < ? ORDER BY kind, rank',
         (*key, limit),
     )
-    out: dict[str, list[sqlite3.Row]] = {}
-    for row in rows:
-        out.setdefault(row["kind"], []).append(row)
+    out: dict[str, list[TokenRow]] = {}
+    for kind, token_id, value, count in rows:
+        out.setdefault(kind, []).append(TokenRow(token_id, value, count))
     return out
 
 
@@ -111,12 +146,13 @@ def examples(conn: sqlite3.Connection, key: Key, kind: str, limit: int) -> list[
         (*key, kind, limit),
     )
     out = []
-    for row in rows:
-        token_ids = np.frombuffer(row[10], dtype="<i4")
-        activations = np.frombuffer(row[11], dtype="<f2").astype(np.float32)
+    for kind_, rank, bin_, low, high, fraction, dataset_row, start, peak, activation, ids, acts in rows:
+        token_ids = np.frombuffer(ids, dtype="<i4")
+        activations = np.frombuffer(acts, dtype="<f2").astype(np.float32)
         if token_ids.size != activations.size or token_ids.size == 0:
             continue  # a malformed row is skipped rather than breaking the page
-        out.append(ExampleRow(*row[:10], token_ids, activations))
+        scalars = (kind_, rank, bin_, low, high, fraction, dataset_row, start, peak, activation)
+        out.append(ExampleRow(*scalars, token_ids, activations))
     return out
 
 
@@ -125,13 +161,31 @@ def example_kinds(conn: sqlite3.Connection, key: Key) -> dict[str, int]:
     return {kind: count for kind, count in rows}
 
 
-def family(conn: sqlite3.Connection, key: Key) -> sqlite3.Row | None:
-    return conn.execute(
+@dataclass(frozen=True, slots=True)
+class FamilyRow:
+    family: str
+    best_feature: str | None
+    best_vr: float | None
+    position_mi: float | None
+    evidence: Any  # decoded JSON (the raw text when it is not JSON)
+
+
+def family(conn: sqlite3.Connection, key: Key) -> FamilyRow | None:
+    row = conn.execute(
         f"SELECT family, best_feature, best_vr, position_mi, evidence FROM families {_WHERE}", key
     ).fetchone()
+    if row is None:
+        return None
+    family, best_feature, best_vr, position_mi, evidence = row
+    return FamilyRow(family, best_feature, best_vr, position_mi, parse_json(evidence))
 
 
 def parse_json(text: str | None) -> Any:
+    """Decoded JSON; text that is not JSON is kept as it is.
+
+    >>> parse_json('{"a": 1}'), parse_json("not json"), parse_json(None)
+    ({'a': 1}, 'not json', None)
+    """
     if text is None:
         return None
     try:
@@ -140,45 +194,89 @@ def parse_json(text: str | None) -> Any:
         return text
 
 
-def feature_scores(conn: sqlite3.Connection, key: Key, limit: int) -> list[sqlite3.Row]:
-    return conn.execute(
+@dataclass(frozen=True, slots=True)
+class FeatureRow:
+    rank: int
+    feature: str
+    feature_set: str
+    variance_reduction: float | None
+    fraction: float | None
+
+
+def feature_scores(conn: sqlite3.Connection, key: Key, limit: int) -> list[FeatureRow]:
+    rows = conn.execute(
         f"SELECT rank, feature, feature_set, variance_reduction, fraction FROM feature_scores {_WHERE} "
         "ORDER BY rank LIMIT ?",
         (*key, limit),
-    ).fetchall()
+    )
+    return [FeatureRow(*row) for row in rows]
 
 
-def roles(conn: sqlite3.Connection, key: Key) -> sqlite3.Row | None:
-    return conn.execute(
+@dataclass(frozen=True, slots=True)
+class RolesRow:
+    vocab_role: str | None
+    entropy_rank: int | None
+    attention_role: str | None
+    attention_layer: int | None
+    attention_head: int | None
+    attention_score: float | None
+
+
+def roles(conn: sqlite3.Connection, key: Key) -> RolesRow | None:
+    row = conn.execute(
         "SELECT vocab_role, entropy_rank, attention_role, attention_layer, attention_head, attention_score "
         f"FROM roles {_WHERE}",
         key,
     ).fetchone()
+    return None if row is None else RolesRow(*row)
 
 
-def entropy_interventions(conn: sqlite3.Connection, key: Key) -> list[sqlite3.Row]:
-    return conn.execute(
+@dataclass(frozen=True, slots=True)
+class EntropyRow:
+    """The final-layer effects of fixing the neuron's activation to `value` (paper Fig. 7)."""
+
+    value: float
+    is_baseline: bool
+    ln_scale: float | None
+    entropy: float | None
+    loss: float | None
+    reciprocal_rank: float | None
+    n_tokens: int
+
+
+def entropy_interventions(conn: sqlite3.Connection, key: Key) -> list[EntropyRow]:
+    rows = conn.execute(
         "SELECT value, is_baseline, ln_scale, entropy, loss, reciprocal_rank, n_tokens FROM entropy_interventions "
         f"{_WHERE} ORDER BY value",
         key,
-    ).fetchall()
+    )
+    return [EntropyRow(value, bool(is_baseline), *rest) for value, is_baseline, *rest in rows]
 
 
-def entropy_baseline(conn: sqlite3.Connection, model_id: int) -> list[sqlite3.Row]:
+def entropy_baseline(conn: sqlite3.Connection, model_id: int) -> list[EntropyRow]:
     """The mean curve of the model's random baseline neurons (paper Fig. 7), one row per fixed value."""
-    return conn.execute(
-        "SELECT value, 1 AS is_baseline, avg(ln_scale) AS ln_scale, avg(entropy) AS entropy, avg(loss) AS loss, "
-        "avg(reciprocal_rank) AS reciprocal_rank, min(n_tokens) AS n_tokens FROM entropy_interventions "
-        "WHERE model_id = ? AND is_baseline = 1 GROUP BY value ORDER BY value",
+    rows = conn.execute(
+        "SELECT value, avg(ln_scale), avg(entropy), avg(loss), avg(reciprocal_rank), min(n_tokens) "
+        "FROM entropy_interventions WHERE model_id = ? AND is_baseline = 1 GROUP BY value ORDER BY value",
         (model_id,),
-    ).fetchall()
+    )
+    return [EntropyRow(value, True, *rest) for value, *rest in rows]
 
 
-def attention_scores(conn: sqlite3.Connection, key: Key, limit: int) -> list[sqlite3.Row]:
-    return conn.execute(
+@dataclass(frozen=True, slots=True)
+class AttentionRow:
+    rank: int
+    attention_layer: int
+    head: int
+    score: float | None
+
+
+def attention_scores(conn: sqlite3.Connection, key: Key, limit: int) -> list[AttentionRow]:
+    rows = conn.execute(
         f"SELECT rank, attention_layer, head, score FROM attention_scores {_WHERE} ORDER BY rank LIMIT ?",
         (*key, limit),
-    ).fetchall()
+    )
+    return [AttentionRow(*row) for row in rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +298,54 @@ def path_ablations(conn: sqlite3.Connection, key: Key) -> list[PathAblation]:
         key,
     )
     out = []
-    for row in rows:
-        points = np.frombuffer(row[7], dtype="<f4")
+    for attention_layer, head, pearson_bos, spearman_bos, pearson_norm, spearman_norm, n_points, blob in rows:
+        points = np.frombuffer(blob, dtype="<f4")
         points = points[: points.size - points.size % 3].reshape(-1, 3)
-        out.append(PathAblation(*row[:7], points))
+        out.append(
+            PathAblation(
+                attention_layer, head, pearson_bos, spearman_bos, pearson_norm, spearman_norm, n_points, points
+            )
+        )
     return out
+
+
+# --- labels of a model's neurons (explorer filters, search) -----------------------------------------------
+
+
+def family_labels(conn: sqlite3.Connection, model_id: int) -> list[str]:
+    """The family labels the model's neurons carry, sorted."""
+    rows = conn.execute("SELECT DISTINCT family FROM families WHERE model_id = ? ORDER BY family", (model_id,))
+    return [family for (family,) in rows]
+
+
+def role_labels(conn: sqlite3.Connection, model_id: int) -> list[str]:
+    """The role labels the model's neurons carry, sorted; ``entropy`` when any neuron has an entropy rank."""
+    rows = conn.execute(
+        "SELECT DISTINCT vocab_role FROM roles WHERE model_id = ? AND vocab_role IS NOT NULL UNION "
+        "SELECT DISTINCT attention_role FROM roles WHERE model_id = ? AND attention_role IS NOT NULL",
+        (model_id, model_id),
+    )
+    roles = [role for (role,) in rows]
+    if conn.execute(
+        "SELECT 1 FROM roles WHERE model_id = ? AND entropy_rank IS NOT NULL LIMIT 1", (model_id,)
+    ).fetchone():
+        roles.append("entropy")
+    return sorted(roles)
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyMember:
+    layer: int
+    neuron: int
+    best_feature: str | None
+    best_vr: float | None
+
+
+def family_members(conn: sqlite3.Connection, model_id: int, family: str, limit: int) -> list[FamilyMember]:
+    """Neurons of one family, best explained (highest variance reduction) first."""
+    rows = conn.execute(
+        "SELECT layer, neuron, best_feature, best_vr FROM families WHERE model_id = ? AND family = ? "
+        "ORDER BY best_vr IS NULL, best_vr DESC LIMIT ?",
+        (model_id, family, limit),
+    )
+    return [FamilyMember(*row) for row in rows]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import sqlite3
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
-from app.queries.neurons import universal_column
+from app.queries.neurons import nullable_flag, universal_column
 
 #: Analysis tables (revision 0002) whose presence turns panels on; filled by stages that may not have run.
 ANALYSIS_TABLES = (
@@ -25,6 +26,11 @@ ANALYSIS_TABLES = (
     "attention_scores",
     "path_ablations",
 )
+
+
+#: The tokenizer fingerprint of a model imported from the paper's published tables: no tokenizer and no weights
+#: come with them (`precompute.published.PublishedModel.record`).
+PUBLISHED_TOKENIZER = "published"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,34 @@ class Model:
     @property
     def n_neurons(self) -> int:
         return self.n_layers * self.d_mlp
+
+    @property
+    def published(self) -> bool:
+        """A model of a run imported from the paper's tables: its numbers only, no weights to run live."""
+        return self.tokenizer_hash == PUBLISHED_TOKENIZER
+
+    @property
+    def public_source(self) -> str:
+        """What was loaded, as the API may show it: `public_source` of `source` (which stays server-side)."""
+        return public_source(self.source)
+
+
+def public_source(source: str) -> str:
+    """A model or dataset source without the server's folders: a path becomes its last component (issue 8).
+
+    TransformerLens and Hugging Face names (``gpt2``, ``stanford-crfm/alias-gpt2-small-x21``, ``hf:org/set``)
+    are relative and kept; the precompute stores a local folder as its absolute, resolved path.
+
+    >>> public_source("/srv/models/seed-1"), public_source("C:\\models\\seed-2"), public_source("gpt2")
+    ('seed-1', 'seed-2', 'gpt2')
+    >>> public_source("stanford-crfm/alias-gpt2-small-x21"), public_source("~/corpus.txt")
+    ('stanford-crfm/alias-gpt2-small-x21', 'corpus.txt')
+    """
+    windows = PureWindowsPath(source)
+    if source.startswith(("/", "~", "./", "../")) or (windows.drive and windows.root):
+        name = (windows if windows.drive else PurePosixPath(source)).name
+        return name or source.strip("/\\") or "?"
+    return source
 
 
 def _model(row: sqlite3.Row) -> Model:
@@ -130,17 +164,29 @@ def distributions(conn: sqlite3.Connection, model_id: int) -> dict[str, Distribu
     }
 
 
-def top_neurons(
-    conn: sqlite3.Connection, model_id: int, limit: int, threshold: float | None = None
-) -> list[sqlite3.Row]:
+@dataclass(frozen=True, slots=True)
+class TopNeuron:
+    layer: int
+    neuron: int
+    excess_corr: float
+    mean_corr: float | None
+    mean_baseline: float | None
+    universal: bool | None
+
+
+def top_neurons(conn: sqlite3.Connection, model_id: int, limit: int, threshold: float | None = None) -> list[TopNeuron]:
     """The neurons with the highest excess correlation (the index on (model_id, excess_corr) serves this), with
     ``universal`` at `threshold` (None: the run's)."""
     universal, universal_params = universal_column(threshold, "neurons")
-    return conn.execute(
-        f"SELECT layer, neuron, excess_corr, mean_corr, mean_baseline, {universal} AS universal FROM neurons "
+    rows = conn.execute(
+        f"SELECT layer, neuron, excess_corr, mean_corr, mean_baseline, {universal} FROM neurons "
         "WHERE model_id = ? AND excess_corr IS NOT NULL ORDER BY excess_corr DESC LIMIT ?",
         (*universal_params, model_id, limit),
-    ).fetchall()
+    )
+    return [
+        TopNeuron(layer, neuron, excess_corr, mean_corr, mean_baseline, nullable_flag(flag))
+        for layer, neuron, excess_corr, mean_corr, mean_baseline, flag in rows
+    ]
 
 
 #: Neurons above a threshold per layer: a range of the (model_id, excess_corr) index (ix_neurons_model_excess).

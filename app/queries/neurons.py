@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import random
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 from app.db import Capped, fetch_capped
 
@@ -183,6 +184,50 @@ SUMMARY_COLUMNS = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class NeuronListRow:
+    """One neuron of a list page: its universality summary, labels when joined, and the extra statistics."""
+
+    layer: int
+    neuron: int
+    dead: bool
+    excess_corr: float | None
+    mean_corr: float | None
+    max_corr: float | None
+    min_corr: float | None
+    mean_baseline: float | None
+    universal: bool | None
+    family: str | None
+    vocab_role: str | None
+    attention_role: str | None
+    values: dict[str, float | None]  # the `extra` statistics by name
+
+
+def nullable_flag(value: int | None) -> bool | None:
+    """A nullable 0/1 column as a bool (NULL: unknown)."""
+    return None if value is None else bool(value)
+
+
+def _list_row(row: Sequence[Any], extra: tuple[str, ...]) -> NeuronListRow:
+    """A row of `list_neurons`: `SUMMARY_COLUMNS`, universal, the three labels, then the `extra` statistics."""
+    layer, neuron, dead, excess, mean_corr, max_corr, min_corr, mean_baseline, flag, family, vocab, attention = row[:12]
+    return NeuronListRow(
+        layer,
+        neuron,
+        bool(dead),
+        excess,
+        mean_corr,
+        max_corr,
+        min_corr,
+        mean_baseline,
+        nullable_flag(flag),
+        family,
+        vocab,
+        attention,
+        values=dict(zip(extra, row[12:], strict=True)),
+    )
+
+
 def list_neurons(
     conn: sqlite3.Connection,
     model_id: int,
@@ -193,25 +238,20 @@ def list_neurons(
     offset: int,
     extra: tuple[str, ...] = (),
     with_labels: tuple[str, ...] = (),
-) -> list[sqlite3.Row]:
+) -> list[NeuronListRow]:
     """One page of neurons, sorted; NULLs last in either order; ties broken by (layer, neuron).
 
     Args:
-        extra: statistics to return as columns named after them (the explorer's axes, the sort key).
+        extra: statistics to return in `NeuronListRow.values` (the explorer's axes, the sort key).
         with_labels: aliases of label tables to join ("f" for family, "r" for roles) for display.
     """
     conditions, params, aliases = where.where()
     sort_column = STATISTICS[sort].column
     universal, universal_params = universal_column(where.threshold)
-    columns = [*SUMMARY_COLUMNS, f"{universal} AS universal"]
-    aliases |= {_alias(sort_column)} | set(with_labels)
-    if "f" in with_labels:
-        columns.append("f.family AS family")
-    if "r" in with_labels:
-        columns += ["r.vocab_role AS vocab_role", "r.attention_role AS attention_role"]
-    for name in extra:
-        columns.append(f"{STATISTICS[name].column} AS {name}")
-        aliases.add(_alias(STATISTICS[name].column))
+    family = "f.family" if "f" in with_labels else "NULL"
+    roles = "r.vocab_role, r.attention_role" if "r" in with_labels else "NULL, NULL"
+    columns = [*SUMMARY_COLUMNS, universal, family, roles, *(STATISTICS[name].column for name in extra)]
+    aliases |= {_alias(sort_column)} | set(with_labels) | {_alias(STATISTICS[name].column) for name in extra}
     direction = "DESC" if order == "desc" else "ASC"
     # DESC already puts NULLs last in SQLite; ASC needs the IS NULL key (which also keeps index use for DESC).
     order_by = f"{sort_column} {direction}" if order == "desc" else f"{sort_column} IS NULL, {sort_column} ASC"
@@ -219,13 +259,18 @@ def list_neurons(
         f"SELECT {', '.join(columns)} {_from(aliases)} WHERE n.model_id = ? "
         f"{''.join(' AND ' + c for c in conditions)} ORDER BY {order_by}, n.layer, n.neuron LIMIT ? OFFSET ?"
     )
-    return conn.execute(sql, (*universal_params, model_id, *params, limit, offset)).fetchall()
+    rows = conn.execute(sql, (*universal_params, model_id, *params, limit, offset)).fetchall()
+    return [_list_row(row, extra) for row in rows]
 
 
 def count_neurons(conn: sqlite3.Connection, model_id: int, where: NeuronFilter) -> int:
     conditions, params, aliases = where.where()
     sql = f"SELECT count(*) {_from(aliases)} WHERE n.model_id = ?{''.join(' AND ' + c for c in conditions)}"
     return int(conn.execute(sql, (model_id, *params)).fetchone()[0])
+
+
+#: The columns every CSV row starts with, before the chosen statistics.
+EXPORT_LEADING = ("layer", "neuron", "dead", "universal", "family", "vocab_role")
 
 
 def export_rows(
@@ -236,23 +281,17 @@ def export_rows(
     order: Literal["asc", "desc"],
     columns: tuple[str, ...],
     cap: int,
-) -> Capped:
-    """Every filtered neuron (up to `cap`) with the given statistics, for the CSV export."""
+) -> Capped[tuple[Any, ...]]:
+    """Every filtered neuron (up to `cap`) for the CSV export: `EXPORT_LEADING`, then the statistics `columns`
+    (``layer`` and ``neuron`` left out, being leading already), as plain tuples."""
     conditions, params, aliases = where.where()
     aliases |= {"f", "r"} | {_alias(STATISTICS[c].column) for c in (*columns, sort)}
     sort_column = STATISTICS[sort].column
     direction = "DESC" if order == "desc" else "ASC"
     universal, universal_params = universal_column(where.threshold)
     selected = ", ".join(
-        [
-            "n.layer AS layer",
-            "n.neuron AS neuron",
-            "n.dead AS dead",
-            f"{universal} AS universal",
-            "f.family AS family",
-            "r.vocab_role AS vocab_role",
-        ]
-        + [f"{STATISTICS[c].column} AS {c}" for c in columns if c not in ("layer", "neuron")]
+        ["n.layer", "n.neuron", "n.dead", universal, "f.family", "r.vocab_role"]
+        + [STATISTICS[c].column for c in export_statistics(columns)]
     )
     sql = (
         f"SELECT {selected} {_from(aliases)} WHERE n.model_id = ?{''.join(' AND ' + c for c in conditions)} "
@@ -261,9 +300,22 @@ def export_rows(
     return fetch_capped(conn, sql, (*universal_params, model_id, *params), cap)
 
 
+def export_statistics(columns: tuple[str, ...]) -> tuple[str, ...]:
+    """The statistics columns of an export row (those not among `EXPORT_LEADING`)."""
+    return tuple(c for c in columns if c not in EXPORT_LEADING)
+
+
+class ScatterPoint(NamedTuple):
+    layer: int
+    neuron: int
+    x: float | None
+    y: float | None
+    color: str | float | None  # a label, a layer, or 0/1/NULL for universal
+
+
 @dataclass(frozen=True, slots=True)
 class ScatterRows:
-    rows: list[sqlite3.Row]
+    rows: list[ScatterPoint]
     total: int
     sampled: bool
 
@@ -274,7 +326,8 @@ def scatter_rows(
     """(layer, neuron, x, y, colour) of the filtered neurons with both coordinates; a fixed sample beyond `cap`."""
     conditions, params, aliases = where.where()
     x_col, y_col = STATISTICS[x].column, STATISTICS[y].column
-    color_col, color_params = COLOR_COLUMNS[color][0], ()
+    color_col: str = COLOR_COLUMNS[color][0]
+    color_params: tuple[float, ...] = ()
     if color == "universal":
         color_col, color_params = universal_column(where.threshold)
     aliases |= {_alias(x_col), _alias(y_col), _alias(COLOR_COLUMNS[color][0])}
@@ -284,55 +337,111 @@ def scatter_rows(
     # Beyond the cap, a deterministic pseudo-random sample (a multiplicative hash of the neuron id).
     order = "" if total <= cap else " ORDER BY ((n.layer * 1000003 + n.neuron) * 2654435761) % 4294967291"
     rows = conn.execute(
-        f"SELECT n.layer, n.neuron, {x_col} AS x, {y_col} AS y, {color_col} AS color {base}{order} LIMIT ?",
+        f"SELECT n.layer, n.neuron, {x_col}, {y_col}, {color_col} {base}{order} LIMIT ?",
         (*color_params, model_id, *params, cap),
-    ).fetchall()
-    return ScatterRows(rows, total, total > cap)
+    )
+    return ScatterRows([ScatterPoint(*row) for row in rows], total, total > cap)
 
 
 # --- one neuron -------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class NeuronScores:
+    """One neuron's universality row (paper eq. 3): correlations with its partners and the rotated baselines."""
+
+    dead: bool
+    max_corr: float | None
+    mean_corr: float | None
+    min_corr: float | None
+    max_baseline: float | None
+    mean_baseline: float | None
+    min_baseline: float | None
+    excess_corr: float | None
+    universal: bool | None  # None where there are no aggregates (dead, --reference-only)
+
+
 def get_neuron(
     conn: sqlite3.Connection, model_id: int, layer: int, neuron: int, threshold: float | None = None
-) -> sqlite3.Row | None:
+) -> NeuronScores | None:
     """One neuron's universality row; ``universal`` at `threshold` (None: the run's)."""
     universal, universal_params = universal_column(threshold, "neurons")
-    return conn.execute(
+    row = conn.execute(
         "SELECT dead, max_corr, mean_corr, min_corr, max_baseline, mean_baseline, min_baseline, excess_corr, "
-        f"{universal} AS universal FROM neurons WHERE model_id = ? AND layer = ? AND neuron = ?",
+        f"{universal} FROM neurons WHERE model_id = ? AND layer = ? AND neuron = ?",
         (*universal_params, model_id, layer, neuron),
     ).fetchone()
+    if row is None:
+        return None
+    dead, max_corr, mean_corr, min_corr, max_baseline, mean_baseline, min_baseline, excess_corr, flag = row
+    return NeuronScores(
+        dead=bool(dead),
+        max_corr=max_corr,
+        mean_corr=mean_corr,
+        min_corr=min_corr,
+        max_baseline=max_baseline,
+        mean_baseline=mean_baseline,
+        min_baseline=min_baseline,
+        excess_corr=excess_corr,
+        universal=nullable_flag(flag),
+    )
 
 
-def partner_scores(conn: sqlite3.Connection, model_id: int, layer: int, neuron: int) -> list[sqlite3.Row]:
+@dataclass(frozen=True, slots=True)
+class PartnerRow:
+    """Against one partner model: the best partner neuron (the twin) and the best rotated unit."""
+
+    partner: str  # the partner model's name
+    max_corr: float
+    max_layer: int
+    max_neuron: int
+    baseline_corr: float
+    baseline_layer: int
+    baseline_unit: int
+
+
+def partner_scores(conn: sqlite3.Connection, model_id: int, layer: int, neuron: int) -> list[PartnerRow]:
     """Per partner model: the best partner neuron and the best rotated unit, in family order."""
-    return conn.execute(
-        "SELECT m.name AS partner, p.max_corr, p.max_layer, p.max_neuron, p.baseline_corr, p.baseline_layer, "
+    rows = conn.execute(
+        "SELECT m.name, p.max_corr, p.max_layer, p.max_neuron, p.baseline_corr, p.baseline_layer, "
         "p.baseline_unit FROM partner_scores p JOIN models m ON m.id = p.partner_model_id "
         "WHERE p.model_id = ? AND p.layer = ? AND p.neuron = ? ORDER BY m.position",
         (model_id, layer, neuron),
-    ).fetchall()
+    )
+    return [PartnerRow(*row) for row in rows]
 
 
-def matches(conn: sqlite3.Connection, model_id: int, layer: int, neuron: int) -> list[sqlite3.Row]:
+@dataclass(frozen=True, slots=True)
+class MatchRow:
+    """A neuron of another model among the best matches (in either direction: see `matches`, `matched_by`)."""
+
+    model: str
+    layer: int
+    neuron: int
+    rank: int  # 0 = the best match
+    corr: float
+
+
+def matches(conn: sqlite3.Connection, model_id: int, layer: int, neuron: int) -> list[MatchRow]:
     """The top-k partner neurons per partner model, each partner's best first."""
-    return conn.execute(
-        "SELECT m.name AS partner, t.rank, t.partner_layer, t.partner_neuron, t.corr FROM matches t "
+    rows = conn.execute(
+        "SELECT m.name, t.partner_layer, t.partner_neuron, t.rank, t.corr FROM matches t "
         "JOIN models m ON m.id = t.partner_model_id WHERE t.model_id = ? AND t.layer = ? AND t.neuron = ? "
         "ORDER BY m.position, t.rank",
         (model_id, layer, neuron),
-    ).fetchall()
+    )
+    return [MatchRow(*row) for row in rows]
 
 
-def matched_by(conn: sqlite3.Connection, model_id: int, layer: int, neuron: int, limit: int) -> list[sqlite3.Row]:
+def matched_by(conn: sqlite3.Connection, model_id: int, layer: int, neuron: int, limit: int) -> list[MatchRow]:
     """Neurons of other models that list this neuron among their best matches (reverse lookup by index)."""
-    return conn.execute(
-        "SELECT m.name AS model, t.layer, t.neuron, t.rank, t.corr FROM matches t JOIN models m ON m.id = t.model_id "
+    rows = conn.execute(
+        "SELECT m.name, t.layer, t.neuron, t.rank, t.corr FROM matches t JOIN models m ON m.id = t.model_id "
         "WHERE t.partner_model_id = ? AND t.partner_layer = ? AND t.partner_neuron = ? "
         "ORDER BY t.rank, t.corr DESC LIMIT ?",
         (model_id, layer, neuron, limit),
-    ).fetchall()
+    )
+    return [MatchRow(*row) for row in rows]
 
 
 def neighbour_universal(

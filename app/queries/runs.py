@@ -37,6 +37,13 @@ class Run:
     def complete(self) -> bool:
         return self.status == "complete"
 
+    @property
+    def published(self) -> dict[str, Any] | None:
+        """Where a run imported from the paper's tables comes from (``config["published"]``, written by
+        `precompute.published`); None for a run computed by a precompute."""
+        value = self.config.get("published")
+        return value if isinstance(value, dict) else None
+
 
 _COLUMNS = (
     "id, created_at, finished_at, status, content_hash, stages, tokens_seen, tokens_counted, config, dataset, "
@@ -91,6 +98,16 @@ def list_runs(conn: sqlite3.Connection) -> list[Run]:
 def get_run(conn: sqlite3.Connection, run_id: int) -> Run | None:
     row = conn.execute(f"SELECT {_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
     return _run(row) if row else None
+
+
+def newest_runs_by_model(conn: sqlite3.Connection) -> dict[str, int]:
+    """Each model name of a complete run -> the newest complete run that has it: what a model's URL without
+    ``?run=`` means (issue 7: several runs side by side, e.g. our family next to the paper's published tables)."""
+    rows = conn.execute(
+        "SELECT m.name, max(m.run_id) FROM models m JOIN runs r ON r.id = m.run_id "
+        "WHERE r.status = 'complete' GROUP BY m.name"
+    )
+    return {name: int(run_id) for name, run_id in rows}
 
 
 def newest_complete_run(conn: sqlite3.Connection) -> Run | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.routes import assets, index, models, neurons, search
+from app.routes import assets, compare, firing, index, intervene, models, neurons, search
 
 ROUTERS = (
     assets.router,
@@ -13,6 +13,12 @@ ROUTERS = (
     models.api,
     neurons.pages,
     neurons.api,
+    intervene.pages,
+    intervene.api,
+    firing.pages,
+    firing.api,
     search.pages,
     search.api,
+    compare.pages,
+    compare.api,
 )

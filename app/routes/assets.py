@@ -79,8 +79,8 @@ def _operation(op: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
         for p in op.get("parameters", [])
     ]
     body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
-    ok = op.get("responses", {}).get("200", {}).get("content", {})
-    response = next(iter(ok.values()), {}).get("schema") if ok else None
+    ok: dict[str, dict[str, Any]] = op.get("responses", {}).get("200", {}).get("content", {})
+    response = next(iter(ok.values())).get("schema") if ok else None
     return {
         "summary": op.get("summary", ""),
         "description": op.get("description", ""),

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Query
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, Field
 
-from app.deps import EmptyAsNone, ScopeDep, StateDep
+from app.deps import ScopeDep, StateDep
 from app.queries.neurons import NeuronFilter
 from app.viewmodels.explorer import RANGE_PATTERN, ColorBy, ExplorerQuery, Order, Statistic, parse_range
 
@@ -35,42 +35,48 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"description": descriptions[s], "content": content} for s in statuses}
 
 
-RangeParam = Annotated[str, Field(pattern=RANGE_PATTERN, max_length=200)]
-
-
-def _drop_empty(values: object) -> object:
-    """A form's empty range field arrives as ``range=``: it is no range."""
-    return [v for v in values if v != ""] if isinstance(values, list) else values
+#: A field a plain HTML form left empty (``name=``): the parameter is not given. Declared in the parameter's
+#: type (not converted before validation) so that the schema says that ``layer=`` is accepted too (issue 8).
+Empty = Literal[""]
+#: Most ``range`` parameters one request takes (one per statistic is all a filter needs; keeps URLs bounded).
+MAX_RANGES = 10
+RangeParam = Annotated[str, Field(pattern=RANGE_PATTERN, max_length=100)]
 
 
 # The filters are optional fields of the explorer's plain GET form, which sends a field left empty as ``name=``
-# (EmptyAsNone): constraints sit on the inner type so that they apply to given values only.
+# (`Empty`); the bounds sit on the inner type, so that they apply to given values only.
 async def get_explorer_query(
     state: StateDep,
     scope: ScopeDep,
     layer: Annotated[
-        Annotated[int, Field(ge=0, le=100_000)] | None, EmptyAsNone, Query(description="Only this layer")
+        Annotated[int, Field(ge=0, le=100_000)] | Empty | None, Query(description="Only this layer (empty: all)")
     ] = None,
     universal: Annotated[
-        bool | None,
-        EmptyAsNone,
+        bool | Empty | None,
         Query(description="Only universal (true) or non-universal (false) neurons, at the threshold in effect"),
     ] = None,
-    dead: Annotated[bool | None, EmptyAsNone, Query(description="Only dead (true) or live (false) neurons")] = None,
-    family: Annotated[str | None, Query(max_length=100, description="Only this family label")] = None,
+    dead: Annotated[bool | Empty | None, Query(description="Only dead (true) or live (false) neurons")] = None,
+    family: Annotated[str | None, Query(max_length=100, description="Only this family label (empty: any)")] = None,
     role: Annotated[
         str | None,
-        Query(max_length=100, description="prediction, suppression, partition, deactivation, activation or entropy"),
+        Query(
+            max_length=100,
+            description="prediction, suppression, partition, deactivation, activation or entropy (empty: any)",
+        ),
     ] = None,
     range: Annotated[
         list[RangeParam] | None,
-        BeforeValidator(_drop_empty),
-        Query(description="statistic:low:high, repeatable; either bound may be empty (excess_corr:0.5:)"),
+        Query(
+            max_length=MAX_RANGES,
+            description="statistic:low:high, repeatable; either bound may be empty (excess_corr:0.5:); "
+            "an empty value is no range",
+        ),
     ] = None,
     sort: Annotated[Statistic, Query(description="Statistic to sort by")] = Statistic.excess_corr,  # type: ignore[attr-defined]
     order: Annotated[Order, Query(description="asc or desc (missing values always last)")] = "desc",
     limit: Annotated[
-        Annotated[int, Field(ge=1, le=100_000)] | None, EmptyAsNone, Query(description="Page size (capped at max_rows)")
+        Annotated[int, Field(ge=1, le=100_000)] | Empty | None,
+        Query(description="Page size (capped at max_rows; empty: page_size)"),
     ] = None,
     offset: Annotated[int, Query(ge=0, le=10_000_000, description="Rows to skip")] = 0,
     x: Annotated[Statistic, Query(description="Scatter x axis")] = Statistic.excess_corr,  # type: ignore[attr-defined]
@@ -78,19 +84,19 @@ async def get_explorer_query(
     color: Annotated[ColorBy, Query(description="Scatter colour")] = ColorBy.layer,  # type: ignore[attr-defined]
 ) -> ExplorerQuery:
     where = NeuronFilter(
-        layer=layer,
-        universal=universal,
-        dead=dead,
+        layer=layer if isinstance(layer, int) else None,
+        universal=universal if isinstance(universal, bool) else None,
+        dead=dead if isinstance(dead, bool) else None,
         family=family or None,
         role=role or None,
-        ranges=tuple(parse_range(r) for r in range or []),
+        ranges=tuple(parse_range(r) for r in range or [] if r),
         threshold=scope.custom_threshold,
     )
     return ExplorerQuery(
         filter=where,
         sort=sort.value,
         order=order,
-        limit=limit or state.settings.page_size,
+        limit=limit if isinstance(limit, int) else state.settings.page_size,
         offset=offset,
         x=x.value,
         y=y.value,

@@ -3,62 +3,83 @@
 from __future__ import annotations
 
 import sqlite3
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
 from app import rendering
-from app.deps import AppState, ConnDep, ModelDep, ScopeDep, StateDep, ThresholdQuery
-from app.errors import NotFound
-from app.queries import models as mq
+from app.deps import (
+    AppState,
+    ConnDep,
+    ModelDep,
+    RunQuery,
+    ScopeDep,
+    StateDep,
+    ThresholdQuery,
+    choose_run,
+    default_runs,
+    load_scope,
+)
 from app.queries import runs as rq
 from app.routes.common import error_responses
 from app.urls import Scope
 from app.viewmodels.common import ModelSummary, RunSummary
-from app.viewmodels.index import IndexPage, ModelOverview, build_index, build_model_overview, run_summaries
+from app.viewmodels.index import IndexPage, ModelOverview, RunView, build_index, build_model_overview, run_summaries
 
 pages = APIRouter(tags=["pages"], responses=error_responses(404, 422, 503))
 api = APIRouter(prefix="/api/v1", tags=["runs and models"], responses=error_responses(404, 422, 503))
 
-RunQuery = Annotated[int | None, Query(ge=1, le=2**31, description="Run id; default: the newest complete run")]
-
 
 def _index(
     state: AppState, conn: sqlite3.Connection, run: int | None, threshold: float | None
-) -> tuple[IndexPage, Scope | None]:
+) -> tuple[IndexPage, Scope | None, dict[int, Scope]]:
+    """The page, the scope of the newest complete run (or of ?run=), and every complete run's scope by id."""
     runs = rq.list_runs(conn)
+    states = rq.run_states(conn)
     newest = next((r for r in runs if r.complete), None)
-    chosen = newest
-    if run is not None:
-        chosen = next((r for r in runs if r.id == run), None)
-        if chosen is None:
-            raise NotFound(f"no run {run}")
-        if not chosen.complete:
-            raise NotFound(f"run {run} is {chosen.status}; only complete runs can be browsed")
-    scope = None
-    tables = {}
-    if chosen is not None:
-        scope = Scope(chosen, tuple(mq.models_of_run(conn, chosen.id)), default=chosen is newest)
-        scope = scope.at_threshold(threshold)
-        tables = {m.id: state.tables(conn, scope, m) for m in scope.models}
-    return build_index(conn, runs, scope, newest.id if newest else None, tables), scope
+    if newest is None and run is None:
+        return build_index(conn, runs, None, None, []), None, {}
+    chosen = choose_run(states, default_runs(state, conn, states), run)
+    scope = load_scope(state, conn, chosen, states, threshold)
+    views = []
+    for other in states:
+        if other.status != "complete":
+            continue
+        other_scope = scope if other.id == chosen.id else load_scope(state, conn, other, states, threshold)
+        if run is not None:  # ?run=ID: that run's models, as before
+            shown = other_scope.models if other.id == chosen.id else ()
+        else:  # each model name where its bare URL leads
+            shown = tuple(m for m in other_scope.models if m.name in other_scope.defaults or other_scope.default)
+        views.append(
+            RunView(
+                scope=other_scope,
+                shown=shown,
+                n_universal={m.id: state.n_universal(conn, other_scope, m) for m in other_scope.models},
+                tables={m.id: state.tables(conn, other_scope, m) for m in shown},
+            )
+        )
+    return (
+        build_index(conn, runs, scope, newest.id if newest else None, views),
+        scope,
+        {v.scope.run.id: v.scope for v in views},
+    )
 
 
 @pages.get("/", response_class=HTMLResponse, summary="Runs, model families and universality overview")
 def index_page(
     request: Request, state: StateDep, conn: ConnDep, run: RunQuery = None, threshold: ThresholdQuery = None
 ) -> Response:
-    """The runs in the file and, per model of the shown run, its universality overview at the chosen threshold."""
-    page, scope = _index(state, conn, run, threshold)
+    """The runs in the file with their models and, grouped by run, the universality overview of each model a bare
+    URL shows (with ?run=: of that run's models) at the chosen threshold."""
+    page, scope, scopes = _index(state, conn, run, threshold)
     api_url = scope.api_url("/") if scope else "/api/v1/"
-    return rendering.html(request, "index.html", page, alternate=api_url, scope=scope)
+    return rendering.html(request, "index.html", page, alternate=api_url, scope=scope, scopes=scopes)
 
 
 @api.get("/", response_model=IndexPage, summary="Runs and the shown run's model overviews")
 def index_json(state: StateDep, conn: ConnDep, run: RunQuery = None, threshold: ThresholdQuery = None) -> Response:
     """JSON twin of the front page."""
-    page, _ = _index(state, conn, run, threshold)
+    page, _, _ = _index(state, conn, run, threshold)
     return rendering.json(page)
 
 

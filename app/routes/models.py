@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import sqlite3
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Request
@@ -32,7 +33,9 @@ pages = APIRouter(tags=["pages"], responses=error_responses(404, 422, 503))
 api = APIRouter(prefix="/api/v1/models/{model}", tags=["neurons"], responses=error_responses(404, 422, 503))
 
 
-def _explorer(state: AppState, conn, scope: Scope, model: Model, query: ExplorerQuery) -> ExplorerPage:
+def _explorer(
+    state: AppState, conn: sqlite3.Connection, scope: Scope, model: Model, query: ExplorerQuery
+) -> ExplorerPage:
     tables = state.tables(conn, scope, model)
     label_values = state.memo(scope, ("labels", model.id), lambda: labels(conn, model.id, tables))
     return build_explorer(
@@ -122,17 +125,7 @@ def neurons_csv(state: StateDep, conn: ConnDep, scope: ScopeDep, model: ModelDep
 
 def _csv_rows(state: AppState, model: Model, query: ExplorerQuery, columns: tuple[str, ...], cap: int) -> Iterator[str]:
     """Stream the export on its own connection with the export time limit."""
-    header = [
-        "model",
-        "id",
-        "layer",
-        "neuron",
-        "dead",
-        "universal",
-        "family",
-        "vocab_role",
-        *[c for c in columns if c not in ("layer", "neuron")],
-    ]
+    header = ["model", "id", *nq.EXPORT_LEADING, *nq.export_statistics(columns)]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
@@ -140,8 +133,8 @@ def _csv_rows(state: AppState, model: Model, query: ExplorerQuery, columns: tupl
         with state.db.connect(state.settings.export_time_limit_ms) as conn:
             capped = nq.export_rows(conn, model.id, query.filter, query.sort, query.order, columns, cap)
             for i, row in enumerate(capped.rows):
-                values = [_cell(v) for v in row]
-                writer.writerow([_cell(model.name), neuron_label(row["layer"], row["neuron"]), *values])
+                layer, neuron = row[:2]  # every row starts with EXPORT_LEADING
+                writer.writerow([_cell(model.name), neuron_label(layer, neuron), *(_cell(v) for v in row)])
                 if i % CSV_BATCH == CSV_BATCH - 1:
                     yield buffer.getvalue()
                     buffer.seek(0)

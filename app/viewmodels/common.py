@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.queries.models import Model
+from app.queries.models import Model, public_source
 from app.queries.runs import Run
 from app.urls import Scope, neuron_label
 
@@ -61,6 +62,21 @@ class NeuronRef(ViewModel):
         )
 
 
+def published_label(run: Run) -> str | None:
+    """A one-line description of a published run, for lists of runs.
+
+    >>> run = Run(1, "t", None, "complete", "h", [], None, None,
+    ...           {"published": {"source": "Gurnee et al. 2024", "table": "pythia-160m/universal.csv"}}, {}, {}, {})
+    >>> published_label(run)
+    'Gurnee et al. 2024: pythia-160m/universal.csv'
+    """
+    info = run.published
+    if info is None:
+        return None
+    table = info.get("table")
+    return f"{info.get('source', 'published')}: {table}" if table else str(info.get("source", "published"))
+
+
 class RunSummary(ViewModel):
     """One precompute run (a model family on one dataset)."""
 
@@ -74,10 +90,14 @@ class RunSummary(ViewModel):
     tokens_seen: int | None = Field(description="Tokens run through the models")
     tokens_counted: int | None = Field(description="Tokens left after the BOS/EOS/pad/newline filter")
     threshold: float = Field(description="Excess correlation above which a neuron is universal")
-    dataset: str = Field(description="Dataset source")
+    dataset: str = Field(description="Dataset source (a file's name, never its folder on the server)")
     default: bool = Field(description="True for the newest complete run (URLs without ?run= show it)")
     url: str | None = Field(description="The run's index page (None unless complete)")
     error: str | None = Field(description="Why a failed run failed")
+    published: str | None = Field(
+        description="The paper's table this run was imported from (universal-neurons import-paper); None for a "
+        "run computed here"
+    )
 
     @classmethod
     def build(cls, run: Run, models: list[str], default: bool) -> RunSummary:
@@ -92,10 +112,11 @@ class RunSummary(ViewModel):
             tokens_seen=run.tokens_seen,
             tokens_counted=run.tokens_counted,
             threshold=run.threshold,
-            dataset=str(run.dataset.get("source") or run.dataset.get("kind") or "?"),
+            dataset=public_source(str(run.dataset.get("source") or run.dataset.get("kind") or "?")),
             default=default,
             url=("/" if default else f"/?run={run.id}") if run.complete else None,
             error=run.error,
+            published=published_label(run),
         )
 
 
@@ -117,7 +138,9 @@ class ModelSummary(ViewModel):
     n_universal: int | None = Field(
         description="Neurons above the universality threshold in effect (None: no aggregates)"
     )
-    source: str = Field(description="What was loaded: a TransformerLens name or a local folder")
+    source: str = Field(
+        description="What was loaded: a TransformerLens name, or a local folder's name (never its server path)"
+    )
     processing: dict[str, Any] = Field(description="Weight processing flags (fold_ln, center_*)")
     url: str = Field(description="The model's explorer page")
     api_url: str = Field(description="The model's JSON overview")
@@ -138,11 +161,27 @@ class ModelSummary(ViewModel):
             act_fn=model.act_fn,
             n_neurons=model.n_neurons,
             n_universal=n_universal,
-            source=model.source,
+            source=model.public_source,
             processing=model.processing,
             url=scope.model_url(model.name),
-            api_url=scope.api_url(scope.api_model_path(model.name)),
+            api_url=scope.api_model_url(model.name),
         )
+
+
+def token_text(vocab: Sequence[str], token_id: int) -> str:
+    """The decoded text of a token id (``<id>`` outside the vocabulary)."""
+    return vocab[token_id] if 0 <= token_id < len(vocab) else f"<{token_id}>"
+
+
+def token_texts(vocab: Sequence[str], ids: list[int]) -> list[str]:
+    """Decoded texts of many token ids (ids outside the vocabulary show as ``<id>``).
+
+    >>> token_texts(["a", "b"], [1, 0, 7])
+    ['b', 'a', '<7>']
+    """
+    if ids and min(ids) >= 0 and max(ids) < len(vocab):
+        return [vocab[i] for i in ids]  # the common case, without a call per token
+    return [token_text(vocab, i) for i in ids]
 
 
 class TokenValue(ViewModel):

@@ -5,7 +5,6 @@ The JSON twin is GET /api/v1/models/{model}/neurons (the contract's ``{"total", 
 
 from __future__ import annotations
 
-import math
 import re
 import sqlite3
 from dataclasses import dataclass, field
@@ -15,44 +14,43 @@ from typing import Literal
 from pydantic import Field
 
 from app.errors import Unprocessable
+from app.queries import analyses as q
 from app.queries import neurons as nq
 from app.queries.models import Model
 from app.urls import Scope, neuron_label
 from app.viewmodels.common import ModelSummary, ViewModel, number
+from app.viewmodels.published import PublishedNote, published_note
 
 Statistic = StrEnum("Statistic", {name: name for name in nq.STATISTICS})  # type: ignore[misc]
 ColorBy = StrEnum("ColorBy", {name: name for name in nq.COLOR_COLUMNS})  # type: ignore[misc]
 Order = Literal["asc", "desc"]
 
-#: ``statistic:low:high`` with either bound optional, e.g. ``excess_corr:0.5:`` or ``vocab_kurt:10:50``.
-RANGE_PATTERN = r"^[a-z_]+:[-+0-9.eE]*:[-+0-9.eE]*$"
+#: A finite range bound: at most 30 digits either side of the point and a two-digit exponent, so that every match
+#: is a finite float (``1e999`` does not match). ``[0-9]``, not ``\d``: that would match other scripts' digits in
+#: the server's regex engine but not in the schema's (ECMA) one.
+NUMBER_PATTERN = r"[-+]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][-+]?[0-9]{1,2})?"
+#: ``statistic:low:high`` with either bound optional, e.g. ``excess_corr:0.5:`` or ``vocab_kurt:10:50``; the
+#: empty string is a range field the explorer's form left empty (no range).
+RANGE_PATTERN = rf"^$|^(?:{'|'.join(nq.STATISTICS)}):(?:{NUMBER_PATTERN})?:(?:{NUMBER_PATTERN})?$"
 _RANGE = re.compile(RANGE_PATTERN)
 
 
 def parse_range(text: str) -> nq.Range:
-    """Parse one ``range`` parameter.
+    """Parse one ``range`` parameter (the request schema has checked it against `RANGE_PATTERN` already).
 
     >>> parse_range("excess_corr:0.5:")
     Range(statistic='excess_corr', low=0.5, high=None)
 
     Raises:
-        Unprocessable: an unknown statistic or a bound that is not a finite number.
+        Unprocessable: not ``statistic:low:high`` with a known statistic and finite numbers.
     """
-    if not _RANGE.match(text):
-        raise Unprocessable(f"range {text!r} is not statistic:low:high (e.g. excess_corr:0.5:)")
+    if not text or not _RANGE.fullmatch(text):
+        raise Unprocessable(
+            f"range {text!r} is not statistic:low:high (e.g. excess_corr:0.5:) with a statistic of "
+            f"{', '.join(nq.STATISTICS)}"
+        )
     name, low, high = text.split(":")
-    if name not in nq.STATISTICS:
-        raise Unprocessable(f"unknown statistic {name!r} in range; choose from {', '.join(nq.STATISTICS)}")
-    bounds = []
-    for bound in (low, high):
-        try:
-            value = float(bound) if bound else None
-        except ValueError:
-            raise Unprocessable(f"range bound {bound!r} is not a number") from None
-        if value is not None and not math.isfinite(value):
-            raise Unprocessable(f"range bound {bound!r} is not finite")
-        bounds.append(value)
-    return nq.Range(name, bounds[0], bounds[1])
+    return nq.Range(name, float(low) if low else None, float(high) if high else None)
 
 
 @dataclass(frozen=True)
@@ -166,6 +164,10 @@ class ExplorerPage(ViewModel):
     threshold: float = Field(
         description="The universality threshold in effect for `universal` (?threshold=, default: the run's)"
     )
+    published: PublishedNote | None = Field(
+        description="For a run imported from the paper's tables (its universal neurons only): what it holds and "
+        "lacks (None for a run computed here)"
+    )
 
 
 class ScatterData(ViewModel):
@@ -195,31 +197,10 @@ def statistics_info(tables: frozenset[str]) -> list[StatisticInfo]:
 
 
 def labels(conn: sqlite3.Connection, model_id: int, tables: frozenset[str]) -> tuple[list[str], list[str]]:
-    families = (
-        [
-            r[0]
-            for r in conn.execute(
-                "SELECT DISTINCT family FROM families WHERE model_id = ? ORDER BY family", (model_id,)
-            )
-        ]
-        if "families" in tables
-        else []
-    )
-    roles: list[str] = []
-    if "roles" in tables:
-        roles = [
-            r[0]
-            for r in conn.execute(
-                "SELECT DISTINCT vocab_role FROM roles WHERE model_id = ? AND vocab_role IS NOT NULL UNION "
-                "SELECT DISTINCT attention_role FROM roles WHERE model_id = ? AND attention_role IS NOT NULL",
-                (model_id, model_id),
-            )
-        ]
-        if conn.execute(
-            "SELECT 1 FROM roles WHERE model_id = ? AND entropy_rank IS NOT NULL LIMIT 1", (model_id,)
-        ).fetchone():
-            roles.append("entropy")
-    return families, sorted(roles)
+    """The family and role labels present in the model (the explorer's filter choices)."""
+    families = q.family_labels(conn, model_id) if "families" in tables else []
+    roles = q.role_labels(conn, model_id) if "roles" in tables else []
+    return families, roles
 
 
 def build_explorer(
@@ -245,27 +226,26 @@ def build_explorer(
     items = [
         NeuronSummary(
             model=model.name,
-            layer=r["layer"],
-            neuron=r["neuron"],
-            id=neuron_label(r["layer"], r["neuron"]),
-            url=scope.neuron_url(model.name, r["layer"], r["neuron"]),
-            api_url=scope.api_neuron_url(model.name, r["layer"], r["neuron"]),
-            dead=bool(r["dead"]),
-            universal=None if r["universal"] is None else bool(r["universal"]),
-            excess_corr=number(r["excess_corr"]),
-            mean_corr=number(r["mean_corr"]),
-            max_corr=number(r["max_corr"]),
-            min_corr=number(r["min_corr"]),
-            mean_baseline=number(r["mean_baseline"]),
-            family=r["family"] if "f" in with_labels else None,
-            vocab_role=r["vocab_role"] if "r" in with_labels else None,
-            attention_role=r["attention_role"] if "r" in with_labels else None,
-            values={e: number(r[e]) for e in extra},
+            layer=r.layer,
+            neuron=r.neuron,
+            id=neuron_label(r.layer, r.neuron),
+            url=scope.neuron_url(model.name, r.layer, r.neuron),
+            api_url=scope.api_neuron_url(model.name, r.layer, r.neuron),
+            dead=r.dead,
+            universal=r.universal,
+            excess_corr=number(r.excess_corr),
+            mean_corr=number(r.mean_corr),
+            max_corr=number(r.max_corr),
+            min_corr=number(r.min_corr),
+            mean_baseline=number(r.mean_baseline),
+            family=r.family,
+            vocab_role=r.vocab_role,
+            attention_role=r.attention_role,
+            values={e: number(v) for e, v in r.values.items()},
         )
         for r in rows
     ]
     f = query.filter
-    path = scope.api_model_path(model.name)
     families, roles = label_values
     return ExplorerPage(
         model=ModelSummary.build(scope, model, n_universal),
@@ -291,12 +271,14 @@ def build_explorer(
         families=families,
         roles=roles,
         url=scope.model_url(model.name, query.params()),
-        api_url=scope.api_url(f"{path}/neurons", query.params()),
-        csv_url=scope.api_url(f"{path}/neurons.csv", query.params(limit=None, offset=None)),
+        api_url=scope.api_model_url(model.name, "/neurons", query.params()),
+        csv_url=scope.api_model_url(model.name, "/neurons.csv", query.params(limit=None, offset=None)),
         scatter_url=scope.model_partial_url(
             model.name, "scatter", query.params(limit=None, offset=None, sort=None, order=None)
         ),
-        scatter_api_url=scope.api_url(f"{path}/scatter", query.params(limit=None, offset=None, sort=None, order=None)),
+        scatter_api_url=scope.api_model_url(
+            model.name, "/scatter", query.params(limit=None, offset=None, sort=None, order=None)
+        ),
         prev_url=scope.model_url(model.name, query.params(offset=max(0, query.offset - limit) or None))
         if query.offset > 0
         else None,
@@ -307,6 +289,7 @@ def build_explorer(
             model.name, query.params(sort=None, order=None, limit=None, offset=None, x=None, y=None, color=None)
         ),
         threshold=scope.threshold,
+        published=published_note(scope.run),
     )
 
 
@@ -314,7 +297,7 @@ def build_scatter(conn: sqlite3.Connection, scope: Scope, model: Model, query: E
     data = nq.scatter_rows(conn, model.id, query.filter, query.x, query.y, query.color, cap)
     colors: list[str | float | None] = []
     for r in data.rows:
-        c = r["color"]
+        c = r.color
         if query.color == "universal":
             colors.append("universal" if c == 1 else "not universal" if c == 0 else "unknown")
         elif query.color in ("family", "vocab_role"):
@@ -327,10 +310,10 @@ def build_scatter(conn: sqlite3.Connection, scope: Scope, model: Model, query: E
         color=query.color,
         total=data.total,
         sampled=data.sampled,
-        layer=[r["layer"] for r in data.rows],
-        neuron=[r["neuron"] for r in data.rows],
-        xs=[number(r["x"]) for r in data.rows],
-        ys=[number(r["y"]) for r in data.rows],
+        layer=[r.layer for r in data.rows],
+        neuron=[r.neuron for r in data.rows],
+        xs=[number(r.x) for r in data.rows],
+        ys=[number(r.y) for r in data.rows],
         colors=colors,
         neuron_url_template=scope.neuron_url(model.name, 0, 0).replace("/neurons/0/0", "/neurons/{layer}/{neuron}"),
         threshold=scope.threshold,

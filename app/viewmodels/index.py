@@ -1,9 +1,14 @@
 """The front page: runs and model families; per model the universality overview (paper Fig. 2a) at the threshold
-in scope (the run's, or ``?threshold=``)."""
+in scope (the run's, or ``?threshold=``).
+
+Several runs sit side by side (issue 7): without ``?run=`` the page shows, grouped by run, each model name in the
+newest complete run that has it (our family next to the paper's published tables), and lists every complete
+run's models; ``?run=ID`` shows that run alone, as it always did."""
 
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import dataclass
 
 from pydantic import Field
 
@@ -12,6 +17,7 @@ from app.queries.models import Model
 from app.queries.runs import Run
 from app.urls import Scope, neuron_label
 from app.viewmodels.common import ModelSummary, RunSummary, ViewModel, number
+from app.viewmodels.published import PublishedNote, published_note
 
 TOP_NEURONS = 10
 
@@ -58,15 +64,42 @@ class ModelOverview(ViewModel):
     threshold: float = Field(description="The universality threshold in effect (?threshold=, default: the run's)")
 
 
+class RunGroup(ViewModel):
+    """One complete run and its models (a published run is the paper's table of one model)."""
+
+    run: RunSummary
+    published: PublishedNote | None = Field(description="For a run imported from the paper's tables: its note")
+    models: list[ModelSummary] = Field(
+        description="Every model of the run; each url names the run when a bare URL would show a newer run"
+    )
+
+
 class IndexPage(ViewModel):
-    """Runs and, for the selected run, its family of models."""
+    """Runs and their models; the overviews of the models a bare URL shows (or of the run of ?run=)."""
 
     runs: list[RunSummary] = Field(description="Every run in the file, newest first")
-    run: RunSummary | None = Field(description="The run shown (newest complete unless ?run=)")
-    models: list[ModelOverview]
+    run: RunSummary | None = Field(description="The newest complete run, or the run of ?run=")
+    models: list[ModelOverview] = Field(
+        description="Overviews, grouped by run: without ?run=, of each model name in the newest complete run that "
+        "has it (what /models/{model} shows); with ?run=, of that run's models"
+    )
     threshold: float | None = Field(
         description="The universality threshold in effect (?threshold=, default: the run's; None: no run shown)"
     )
+    groups: list[RunGroup] = Field(description="Every complete run with its models, newest first")
+    compare_url: str | None = Field(
+        description="The page comparing two runs of one model (None unless a model is in two complete runs)"
+    )
+
+
+@dataclass(frozen=True)
+class RunView:
+    """A complete run as the front page uses it: its scope, and the models whose overviews it shows."""
+
+    scope: Scope
+    shown: tuple[Model, ...]
+    n_universal: dict[int, int | None]  # model id -> neurons above the scope's threshold (None: no aggregates)
+    tables: dict[int, frozenset[str]]  # model id -> analysis tables with rows, for the shown models
 
 
 def universal_per_layer(
@@ -108,14 +141,14 @@ def build_model_overview(conn: sqlite3.Connection, scope: Scope, model: Model, t
         },
         top=[
             TopNeuron(
-                layer=r["layer"],
-                neuron=r["neuron"],
-                id=neuron_label(r["layer"], r["neuron"]),
-                url=scope.neuron_url(model.name, r["layer"], r["neuron"]),
-                excess_corr=number(r["excess_corr"]),
-                mean_corr=number(r["mean_corr"]),
-                mean_baseline=number(r["mean_baseline"]),
-                universal=None if r["universal"] is None else bool(r["universal"]),
+                layer=r.layer,
+                neuron=r.neuron,
+                id=neuron_label(r.layer, r.neuron),
+                url=scope.neuron_url(model.name, r.layer, r.neuron),
+                excess_corr=number(r.excess_corr),
+                mean_corr=number(r.mean_corr),
+                mean_baseline=number(r.mean_baseline),
+                universal=r.universal,
             )
             for r in mq.top_neurons(conn, model.id, TOP_NEURONS, scope.custom_threshold)
         ],
@@ -136,13 +169,25 @@ def build_index(
     runs: list[Run],
     scope: Scope | None,
     default_id: int | None,
-    tables: dict[int, frozenset[str]],
+    views: list[RunView],
 ) -> IndexPage:
+    """The front page: `views` holds every complete run, newest first (`scope` is the newest or ?run=)."""
     summaries = run_summaries(conn, runs, default_id)
-    selected = next((s for s in summaries if scope and s.id == scope.run.id), None)
+    by_id = {s.id: s for s in summaries}
+    selected = by_id.get(scope.run.id) if scope else None
+    names = [m.name for view in views for m in view.scope.models]
     return IndexPage(
         runs=summaries,
         run=selected,
-        models=[build_model_overview(conn, scope, m, tables[m.id]) for m in scope.models] if scope else [],
+        models=[build_model_overview(conn, v.scope, m, v.tables[m.id]) for v in views for m in v.shown],
         threshold=scope.threshold if scope else None,
+        groups=[
+            RunGroup(
+                run=by_id[v.scope.run.id],
+                published=published_note(v.scope.run),
+                models=[ModelSummary.build(v.scope, m, v.n_universal[m.id]) for m in v.scope.models],
+            )
+            for v in views
+        ],
+        compare_url="/compare" if len(names) > len(set(names)) else None,
     )

@@ -7,7 +7,6 @@ so one row of tokens is shaded once per neuron.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from typing import Literal
 
@@ -15,18 +14,18 @@ import numpy as np
 from pydantic import Field
 
 from app.errors import NotFound, Unprocessable
-from app.live import LiveRequest, LiveRunner, check_vocab_ids
+from app.live import LiveRequest, check_vocab_ids
 from app.queries import analyses as q
 from app.queries import neurons as nq
 from app.queries.models import Model
-from app.settings import Settings
-from app.urls import Scope, neuron_label
-from app.viewmodels.common import ViewModel, number, rounded
-from app.viewmodels.neuron import Context, token_texts
+from app.urls import neuron_label
+from app.viewmodels.common import ViewModel, number, rounded, token_texts
+from app.viewmodels.context import ModelViewContext, NeuronViewContext
+from app.viewmodels.examples import Context, example_window, peak_index
 
 Role = Literal["self", "twin"]
 
-#: Most neurons one live request may ask for (before twins are added).
+#: Most neurons one live request may ask for (before twins are added); the request schema states it.
 MAX_LIVE_NEURONS = 32
 
 
@@ -54,7 +53,10 @@ class LiveRun(ViewModel):
     tokens: list[str] = Field(description="Decoded token texts (BOS excluded)")
     token_ids: list[int]
     neurons: list[LiveNeuron]
-    seconds: float = Field(description="Time of the forward passes (0 when served from the cache)")
+    seconds: float = Field(
+        description="Time of the forward passes that computed this result; "
+        "a cached answer repeats the first run's value"
+    )
 
 
 class TwinExample(ViewModel):
@@ -68,6 +70,11 @@ class TwinExample(ViewModel):
     tokens: list[str]
     activations: list[list[float]] = Field(description="Per neuron (same order as `neurons`), per token")
 
+    @property
+    def number(self) -> int:
+        """The example's place among the top examples, from 1."""
+        return self.rank + 1
+
 
 class TwinsPanel(ViewModel):
     """The same top examples coloured by this neuron and by each of its twins."""
@@ -79,22 +86,21 @@ class TwinsPanel(ViewModel):
     note: str = Field(description="How the activations were computed")
 
 
-def twin_targets(
-    conn: sqlite3.Connection, scope: Scope, model: Model, layer: int, neuron: int
-) -> list[tuple[Model, int, int, float | None]]:
+def twin_targets(view: ModelViewContext, layer: int, neuron: int) -> list[tuple[Model, int, int, float | None]]:
     """(model, layer, neuron, corr) for each partner's best match, in family order."""
     out = []
-    for p in nq.partner_scores(conn, model.id, layer, neuron):
-        partner = scope.model(p["partner"])
+    for p in nq.partner_scores(view.conn, view.model.id, layer, neuron):
+        partner = view.scope.model(p.partner)
         if partner is not None:
-            out.append((partner, p["max_layer"], p["max_neuron"], number(p["max_corr"])))
+            out.append((partner, p.max_layer, p.max_neuron, number(p.max_corr)))
     return out
 
 
 def _plan(
-    conn: sqlite3.Connection, scope: Scope, model: Model, neurons: Sequence[tuple[int, int]], twins: bool
+    view: ModelViewContext, neurons: Sequence[tuple[int, int]], twins: bool
 ) -> tuple[list[Model], list[list[tuple[int, int]]], list[tuple[Model, int, int, Role, str | None, float | None]]]:
     """Group the neurons to read by model; return (models, neurons per model, output order)."""
+    model = view.model
     order: list[tuple[Model, int, int, Role, str | None, float | None]] = []
     for layer, neuron in neurons:
         if not (0 <= layer < model.n_layers and 0 <= neuron < model.d_mlp):
@@ -102,7 +108,7 @@ def _plan(
         order.append((model, layer, neuron, "self", None, None))
         if twins:
             owner = f"{model.name}/{neuron_label(layer, neuron)}"
-            order += [(m, tl, tn, "twin", owner, c) for m, tl, tn, c in twin_targets(conn, scope, model, layer, neuron)]
+            order += [(m, tl, tn, "twin", owner, c) for m, tl, tn, c in twin_targets(view, layer, neuron)]
     models: list[Model] = []
     pairs: list[list[tuple[int, int]]] = []
     for m, layer, neuron, *_ in order:
@@ -128,22 +134,14 @@ def _pick(
     return result_rows[i][row][:, pairs[i].index((layer, neuron))]
 
 
-def build_live_run(
-    conn: sqlite3.Connection,
-    scope: Scope,
-    runner: LiveRunner,
-    vocab: Sequence[str],
-    model: Model,
-    text: str,
-    neurons: Sequence[tuple[int, int]],
-    twins: bool,
-) -> LiveRun:
-    if not neurons:
-        raise Unprocessable("give at least one [layer, neuron]")
-    if len(neurons) > MAX_LIVE_NEURONS:
-        raise Unprocessable(f"at most {MAX_LIVE_NEURONS} neurons per live run")
+def build_live_run(view: ModelViewContext, text: str, neurons: Sequence[tuple[int, int]], twins: bool) -> LiveRun:
+    """Run the model (and, with `twins`, every partner) on `text` and read the neurons at every token."""
+    # The request schema bounds the count already; this guards callers that build the list themselves.
+    if not 1 <= len(neurons) <= MAX_LIVE_NEURONS:
+        raise Unprocessable(f"give 1 to {MAX_LIVE_NEURONS} [layer, neuron] pairs")
+    runner, scope, model = view.live, view.scope, view.model
     runner.check_text(text)
-    models, pairs, order = _plan(conn, scope, model, neurons, twins)
+    models, pairs, order = _plan(view, neurons, twins)
     ids, skip = runner.tokenize(model, text, scope.run.bos_id, models)
     result = runner.run(LiveRequest(tuple(models), (ids,), tuple(tuple(p) for p in pairs)))
     body = list(ids[skip:])
@@ -156,7 +154,7 @@ def build_live_run(
                 layer=layer,
                 neuron=neuron,
                 id=neuron_label(layer, neuron),
-                url=scope.neuron_url(m.name, layer, neuron),
+                url=view.scope.neuron_url(m.name, layer, neuron),
                 role=role,
                 twin_of=owner,
                 corr=corr,
@@ -168,55 +166,39 @@ def build_live_run(
     return LiveRun(
         model=model.name,
         text=text,
-        tokens=token_texts(vocab, body),
+        tokens=token_texts(view.vocab, body),
         token_ids=body,
         neurons=out,
         seconds=round(result.seconds, 4),
     )
 
 
-def build_twins_panel(
-    conn: sqlite3.Connection,
-    scope: Scope,
-    runner: LiveRunner,
-    vocab: Sequence[str],
-    model: Model,
-    layer: int,
-    neuron: int,
-    settings: Settings,
-    context: Context,
-) -> TwinsPanel:
-    key = (model.id, layer, neuron)
-    stored = q.examples(conn, key, "top", settings.twin_examples)
+def build_twins_panel(view: NeuronViewContext, context: Context) -> TwinsPanel:
+    """The neuron's top examples re-run now through every model, coloured by this neuron and by each twin."""
+    stored = q.examples(view.conn, view.key, "top", view.settings.twin_examples)
     if not stored:
-        raise NotFound(f"{model.name}/{neuron_label(layer, neuron)} has no stored examples to compare")
-    models, pairs, order = _plan(conn, scope, model, [(layer, neuron)], twins=True)
-    bos = scope.run.bos_id
+        raise NotFound(f"{view.model.name}/{view.label} has no stored examples to compare")
+    models, pairs, order = _plan(view, [(view.layer, view.neuron)], twins=True)
+    bos = view.scope.run.bos_id
     # Snippets that start mid-row get the BOS every dataset row starts with; it is dropped from the display.
     rows = tuple(tuple(([bos] if bos is not None and row.start > 0 else []) + row.token_ids.tolist()) for row in stored)
     check_vocab_ids(rows, min(m.d_vocab for m in models))
-    result = runner.run(LiveRequest(tuple(models), rows, tuple(tuple(p) for p in pairs)))
+    result = view.live.run(LiveRequest(tuple(models), rows, tuple(tuple(p) for p in pairs)))
     examples = []
     per_neuron_max = np.zeros(len(order))
     for r, row in enumerate(stored):
         skip = len(rows[r]) - row.token_ids.size
         acts = [_pick(result.activations, models, pairs, m, tl, tn, r)[skip:] for m, tl, tn, *_ in order]
         per_neuron_max = np.maximum(per_neuron_max, [float(np.abs(a).max()) if a.size else 0.0 for a in acts])
-        n = int(row.token_ids.size)
-        peak = min(max(int(row.peak), 0), n - 1)
-        window = (
-            (0, n)
-            if context == "full"
-            else (max(0, peak - settings.snippet_before), min(n, peak + settings.snippet_after + 1))
-        )
+        peak = peak_index(row)
         examples.append(
             TwinExample(
                 rank=row.rank,
                 dataset_row=row.dataset_row,
                 peak=peak,
-                window=window,
+                window=example_window(peak, int(row.token_ids.size), context, view.settings),
                 stored_activation=number(row.activation),
-                tokens=token_texts(vocab, row.token_ids.tolist()),
+                tokens=token_texts(view.vocab, row.token_ids.tolist()),
                 activations=[rounded(a) for a in acts],
             )
         )
@@ -227,7 +209,7 @@ def build_twins_panel(
                 layer=tl,
                 neuron=tn,
                 id=neuron_label(tl, tn),
-                url=scope.neuron_url(m.name, tl, tn),
+                url=view.scope.neuron_url(m.name, tl, tn),
                 role=role,
                 twin_of=owner,
                 corr=corr,

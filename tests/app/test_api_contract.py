@@ -6,9 +6,13 @@ renaming one breaks clients and must fail this test.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from tests.app.conftest import FULL_RUN, REFERENCE_ONLY_RUN
+from tests.app.conftest import FULL_RUN, REFERENCE_ONLY_RUN, query
+
+#: The quantiles stored with every distribution, in order.
+QUANTILES = ["0.01", "0.05", "0.1", "0.25", "0.5", "0.75", "0.9", "0.95", "0.99", "0.999"]
 
 CONTRACT_NEURON_KEYS = {
     "model",
@@ -65,6 +69,7 @@ NEURON_KEYS = [
     "vocab_histogram_url",
     "twins_url",
     "twins_api_url",
+    "published",
 ]
 MODEL_KEYS = [
     "name",
@@ -100,6 +105,7 @@ RUN_KEYS = [
     "default",
     "url",
     "error",
+    "published",
 ]
 LIST_KEYS = [
     "model",
@@ -126,6 +132,7 @@ LIST_KEYS = [
     "next_url",
     "random_url",
     "threshold",
+    "published",
 ]
 SUMMARY_KEYS = [
     "model",
@@ -148,7 +155,7 @@ SUMMARY_KEYS = [
 ]
 MATCH_KEYS = ["model", "layer", "neuron", "corr", "rank", "id", "url"]
 OVERVIEW_KEYS = ["model", "fraction_universal", "layers", "distributions", "top", "analyses", "threshold"]
-INDEX_KEYS = ["runs", "run", "models", "threshold"]
+INDEX_KEYS = ["runs", "run", "models", "threshold", "groups", "compare_url"]
 SCATTER_KEYS = [
     "x",
     "y",
@@ -184,11 +191,48 @@ SEARCH_KEYS = [
     "redirect",
     "message",
     "tokens",
-    "hits",
+    "features",
+    "filters",
+    "group",
+    "total",
+    "neurons",
+    "page",
+    "per_page",
+    "pages",
+    "items",
     "truncated",
     "examples_complete",
     "families",
+    "roles",
+    "threshold",
+    "url",
+    "api_url",
+    "prev_url",
+    "next_url",
 ]
+SEARCH_ITEM_KEYS = [
+    "neuron",
+    "score",
+    "best",
+    "universal",
+    "excess_corr",
+    "family",
+    "roles",
+    "evidence",
+    "twins",
+]
+SEARCH_TWIN_KEYS = [
+    "neuron",
+    "corr",
+    "grouped",
+    "score",
+    "universal",
+    "excess_corr",
+    "family",
+    "roles",
+    "evidence",
+]
+SEARCH_EVIDENCE_KEYS = ["kind", "strength", "rank", "value", "token", "label"]
 RUN_RESULT_KEYS = ["model", "text", "tokens", "token_ids", "neurons", "seconds"]
 LIVE_NEURON_KEYS = ["model", "layer", "neuron", "id", "url", "role", "twin_of", "corr", "activations", "max", "min"]
 TWINS_KEYS = ["neurons", "scales", "examples", "context", "note"]
@@ -203,6 +247,8 @@ def test_models_list(client):
     assert all(list(m) == MODEL_KEYS for m in models)
     expected = {"n_layers": 2, "d_mlp": 64, "d_model": 32, "is_reference": True, "run": FULL_RUN}
     assert {k: models[0][k] for k in expected} == expected
+    # a local model is named by its folder's name, never by the folder's path on the server (issue 8)
+    assert [m["source"] for m in models] == ["tiny-a", "tiny-a-permuted", "tiny-b"]
 
 
 def test_models_of_another_run(client):
@@ -222,11 +268,29 @@ def test_index_and_runs(client):
     assert runs[1]["url"] == f"/?run={REFERENCE_ONLY_RUN}"
 
 
-def test_model_overview(client):
+def test_model_overview(client, atlas_db):
     overview = client.get("/api/v1/models/tiny-a").json()
     assert list(overview) == OVERVIEW_KEYS
     assert [layer["layer"] for layer in overview["layers"]] == [0, 1]
-    assert set(overview["distributions"]) >= {"max_corr", "mean_baseline", "excess_corr"}
+    # Fig. 2a: fixed-edge histograms and quantiles of the model's neurons, recomputed here from the neurons table
+    assert set(overview["distributions"]) == {"max_corr", "mean_corr", "mean_baseline", "excess_corr"}
+    edges = np.linspace(-1, 1, 201)
+    for quantity, distribution in overview["distributions"].items():
+        values = np.array(
+            query(
+                atlas_db,
+                f"SELECT n.{quantity} FROM neurons n JOIN models m ON m.id = n.model_id "
+                f"WHERE m.run_id = ? AND m.name = 'tiny-a' AND n.{quantity} IS NOT NULL",
+                FULL_RUN,
+            ),
+            dtype=float,
+        )[:, 0]
+        assert distribution["quantity"] == quantity and values.size == 128
+        assert distribution["bin_edges"] == pytest.approx(edges.tolist(), abs=1e-6)
+        assert distribution["counts"] == np.histogram(np.clip(values, -1, 1), bins=edges)[0].tolist(), quantity
+        assert list(distribution["quantiles"]) == QUANTILES
+        for q, value in distribution["quantiles"].items():
+            assert value == pytest.approx(float(np.quantile(values, float(q))), abs=1e-6), (quantity, q)
     excess = [t["excess_corr"] for t in overview["top"]]
     assert excess == sorted(excess, reverse=True)
     assert "examples" in overview["analyses"]
@@ -290,6 +354,19 @@ def test_scatter_and_examples_and_search(client):
     search = client.get("/api/v1/search?q=L1N2").json()
     assert list(search) == SEARCH_KEYS
     assert search["redirect"] == "/models/tiny-a/neurons/1/2"
+    ranked = client.get("/api/v1/search?q=def").json()
+    assert list(ranked) == SEARCH_KEYS and ranked["items"]
+    item = ranked["items"][0]
+    assert list(item) == SEARCH_ITEM_KEYS and list(item["evidence"][0]) == SEARCH_EVIDENCE_KEYS
+    assert list(item["twins"][0]) == SEARCH_TWIN_KEYS
+
+
+@pytest.mark.parametrize("q", ["L9N9", "L2N0", "L1N64"])
+def test_a_neuron_id_out_of_range_is_explained_not_redirected(client, q):
+    body = client.get("/api/v1/search", params={"q": q}).json()
+    assert (body["kind"], body["redirect"], body["items"], body["total"]) == ("neuron", None, [], 0)
+    assert body["message"] == "tiny-a has 2 layers of 64 neurons"
+    assert client.get("/api/v1/search", params={"q": "L1N63"}).json()["redirect"] == "/models/tiny-a/neurons/1/63"
 
 
 def test_run_contract_with_twins(client):
@@ -327,6 +404,7 @@ def test_twins_contract(client):
     body = client.get("/api/v1/models/tiny-a/neurons/0/3/twins").json()
     assert list(body) == TWINS_KEYS
     assert [n["model"] for n in body["neurons"]] == ["tiny-a", "tiny-a-permuted", "tiny-b"]
+    assert body["examples"], "the neuron has top examples to re-run: the loop below is not vacuous"
     for example in body["examples"]:
         assert len(example["activations"]) == 3
         assert all(len(a) == len(example["tokens"]) for a in example["activations"])
@@ -350,7 +428,6 @@ def test_twins_contract(client):
         ("get", "/api/v1/models/tiny-a/neurons?range=excess_corr:1e999:", None, 422),
         ("get", "/api/v1/models/tiny-a/neurons?run=99", None, 404),
         ("get", "/api/v1/models/tiny-a/neurons/0/3/examples?kind=nope", None, 422),
-        ("get", "/api/v1/search?q=L9N9", None, 200),
         ("get", "/api/v1/nope", None, 404),
         ("post", "/api/v1/models/tiny-a/run", {"text": "x"}, 422),
         ("post", "/api/v1/models/tiny-a/run", {"text": "x", "neurons": [[0]]}, 422),
@@ -401,3 +478,45 @@ def test_openapi_documents_every_api_route(client):
     docs = client.get("/docs", headers={"accept": "text/html"})
     assert docs.status_code == 200 and "/api/v1/models/{model}/run" in docs.text
     assert "cdn" not in docs.text.lower()
+
+
+#: uvicorn's HTTP parser (httptools, from uvicorn[standard]) answers a request line past 64 KiB with a bare
+#: "400 Invalid HTTP request" that no route documents; the schema keeps every URL well below (issue 8).
+SERVER_URL_LIMIT = 65_536
+#: The longest text of a number or an unbounded integer that a client sends (a float's repr, a 64-bit integer).
+NUMBER_CHARS = 32
+#: What one character of a string costs in a URL at most: 4 UTF-8 bytes, each percent-encoded.
+CHAR_BYTES = 12
+
+
+def longest_value(schema: dict, components: dict, separator: int = 0) -> int:
+    """The longest URL text of a value the JSON schema allows (AssertionError where nothing bounds it); each
+    item of an array costs `separator` more (a repeated query parameter's ``&name=``)."""
+    if "$ref" in schema:
+        return longest_value(components[schema["$ref"].rsplit("/", 1)[-1]], components, separator)
+    if "anyOf" in schema:
+        return max(longest_value(s, components, separator) for s in schema["anyOf"])
+    if "enum" in schema or "const" in schema:
+        return max(len(str(v)) * 3 for v in schema.get("enum", [schema.get("const")]))
+    kind = schema.get("type")
+    if kind == "string":
+        assert "maxLength" in schema, f"unbounded string: {schema}"
+        return schema["maxLength"] * CHAR_BYTES
+    if kind == "array":
+        assert "maxItems" in schema, f"unbounded array: {schema}"
+        return schema["maxItems"] * (longest_value(schema["items"], components) + separator)
+    return {"integer": NUMBER_CHARS, "number": NUMBER_CHARS, "boolean": 5, "null": 0}[kind]
+
+
+def test_no_url_the_schema_allows_is_too_long_for_the_server(client):
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    longest = {}
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            size = len(path)
+            for parameter in operation.get("parameters", []):
+                separator = len(parameter["name"]) + 2 if parameter["in"] == "query" else 0  # &name=
+                size += longest_value(parameter["schema"], components, separator) + separator
+            longest[f"{method.upper()} {path}"] = size
+    assert max(longest.values()) < SERVER_URL_LIMIT // 2, longest

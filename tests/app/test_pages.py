@@ -144,6 +144,7 @@ def test_explorer_keeps_its_state_in_the_url(client):
     response = client.get(url, headers=HTML)
     page: ExplorerPage = response.context["page"]
     assert page.filters.layer == 1 and page.filters.universal is True and page.sort == "frequency"
+    assert page.items, "the fixture has universal layer-1 neurons above 0.2: the check below is not vacuous"
     assert all(item.layer == 1 and item.universal and item.excess_corr >= 0.2 for item in page.items)
     values = [item.values["frequency"] for item in page.items]
     assert values == sorted(values)
@@ -207,23 +208,25 @@ def test_jump_box_keeps_the_model_and_run(client):
 def test_search_by_token_and_family(client):
     body = client.get("/api/v1/search", params={"q": "def"}).json()
     assert body["kind"] == "token" and body["tokens"][0]["token"].strip() == "def"
-    assert body["hits"] and {h["source"] for h in body["hits"]} <= {
+    evidence = [e for item in body["items"] for e in item["evidence"]]
+    assert evidence and {e["kind"] for e in evidence} <= {
         "mean_activation",
         "max_activation",
         "unembed_top",
         "unembed_bottom",
         "embed_top",
-        "example_peak",
+        "top_examples",
+        "feature",
     }
-    assert all(h["token"].strip().casefold() == "def" for h in body["hits"])
+    assert all(e["token"].strip().casefold() == "def" for e in evidence if e["token"] is not None)
     label = body["families"][0]  # random tiny models: the families stage labels them all "none"
     family = client.get("/api/v1/search", params={"q": f"family:{label}", "model": "tiny-a"}).json()
-    assert family["kind"] == "family" and family["hits"]
-    assert all(h["neuron"]["model"] == "tiny-a" for h in family["hits"])
+    assert family["kind"] == "family" and family["items"]
+    assert all(h["neuron"]["model"] == "tiny-a" for h in family["items"])
     html = client.get("/search", params={"q": f"family:{label}"}, headers=HTML).text
     assert 'id="search-hits"' in html
     nothing = client.get("/api/v1/search", params={"q": "no-such-token-xyz"}).json()
-    assert nothing["hits"] == [] and "no token" in nothing["message"]
+    assert nothing["items"] == [] and "no token" in nothing["message"]
 
 
 def test_static_files_are_cached_and_local(client):
@@ -235,7 +238,8 @@ def test_static_files_are_cached_and_local(client):
         "/static/vendor/htmx.min.js",
         "/static/vendor/plotly.min.js",
     }
-    assert "http://" not in html and "https://" not in html  # nothing from a CDN
+    # nothing from a CDN: the only absolute URLs are the page's own (canonical link, og:url, for link previews)
+    assert set(re.findall(r"https?://[^/\"]*", html)) == {"http://testserver"}
     for url in urls:
         response = client.get(url)
         assert response.status_code == 200
@@ -245,12 +249,16 @@ def test_static_files_are_cached_and_local(client):
     assert client.get("/static/../app/main.py").status_code == 404
 
 
-def test_browsers_get_html_errors_and_fragments_get_fragments(client):
+def test_browsers_get_html_errors_and_fragments_get_fragments(atlas_db, make_client):
+    client = make_client(atlas_db, live_max_chars=100)
     page = client.get("/models/tiny-a/neurons/5/5", headers=HTML)
     assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
     assert "has no neuron L5N5" in page.text
-    fragment = client.get("/models/tiny-a/neurons/0/3/_partials/live", params={"text": "x" * 3000}, headers=HTML)
+    fragment = client.get("/models/tiny-a/neurons/0/3/_partials/live", params={"text": "x" * 150}, headers=HTML)
     assert fragment.status_code == 413 and fragment.text.startswith('<p class="error"')
+    # beyond what a URL carries (MAX_TEXT_IN_URL), the request schema refuses it
+    fragment = client.get("/models/tiny-a/neurons/0/3/_partials/live", params={"text": "x" * 3000}, headers=HTML)
+    assert fragment.status_code == 422 and fragment.text.startswith('<p class="error"')
 
 
 def test_universal_neighbours_match_a_brute_force(client):

@@ -17,7 +17,7 @@ from app import plots
 from app.queries import models as mq
 from tests.app.conftest import FULL_RUN, HTML, REFERENCE_ONLY_RUN, query
 
-#: tiny-b has one neuron above 0.1 and none above the run's 0.3; every tiny-a neuron is above 0.1.
+#: A threshold below the run's 0.3 with tiny-b neurons on both sides of it (tests below check the fixture has them).
 CUSTOM = 0.1
 THRESHOLDS = (-1.0, CUSTOM, 0.4, 2.0)
 
@@ -36,6 +36,19 @@ def excess_of(db: Path, model: str, run: int = FULL_RUN) -> dict[tuple[int, int]
         model,
     )
     return {(layer, neuron): excess for layer, neuron, excess in rows}
+
+
+def reference_excess(db: Path) -> dict[tuple[int, int], float]:
+    """tiny-a's excess correlations in the reference-only run, recomputed from its partner scores (paper eq. 3: the
+    mean over partners of the best correlation minus that of the best rotated unit), not read from ``neurons``."""
+    rows = query(
+        db,
+        "SELECT p.layer, p.neuron, avg(p.max_corr) - avg(p.baseline_corr), count(*) FROM partner_scores p "
+        "JOIN models m ON m.id = p.model_id WHERE m.run_id = ? AND m.name = 'tiny-a' GROUP BY 1, 2",
+        REFERENCE_ONLY_RUN,
+    )
+    assert rows and all(n == 2 for *_, n in rows)  # both other models are partners of the reference
+    return {(layer, neuron): excess for layer, neuron, excess, _ in rows}
 
 
 def above(excess: dict[tuple[int, int], float | None], threshold: float, layer: int | None = None) -> set:
@@ -69,6 +82,21 @@ def test_the_default_is_the_runs_threshold_and_links_stay_clean(client, atlas_db
     assert {o["model"]["name"]: o["model"]["n_universal"] for o in index["models"]} == {
         name: stored[i] for name, i in ids.items()
     }
+    # and the stored per-layer aggregates are those of the neurons at the run's threshold, not at another one
+    # (tiny-a has neurons between the run's 0.3 and the paper's 0.5)
+    excess_a = excess_of(atlas_db, "tiny-a")
+    assert above(excess_a, default) - above(excess_a, 0.5)
+    for name, model_id in ids.items():
+        excess = excess_of(atlas_db, name)
+        for layer, n_universal, mean_excess, max_excess in query(
+            atlas_db,
+            "SELECT layer, n_universal, mean_excess, max_excess FROM layer_summaries WHERE model_id = ?",
+            model_id,
+        ):
+            values = [e for (lay, _), e in excess.items() if lay == layer and e is not None]
+            assert n_universal == len(above(excess, default, layer)), (name, layer)
+            assert mean_excess == pytest.approx(sum(values) / len(values), abs=1e-9)
+            assert max_excess == pytest.approx(max(values), abs=1e-9)
 
 
 def test_front_page_counts_follow_the_threshold(client, atlas_db):
@@ -96,10 +124,11 @@ def test_front_page_counts_follow_the_threshold(client, atlas_db):
         assert [m["n_universal"] for m in models] == [o["model"]["n_universal"] for o in index["models"]]
 
 
-def test_models_without_aggregates_stay_without_counts(client):
+def test_models_without_aggregates_stay_without_counts(client, atlas_db):
     index = client.get("/api/v1/", params={"run": REFERENCE_ONLY_RUN, "threshold": CUSTOM}).json()
     counts = {o["model"]["name"]: o["model"]["n_universal"] for o in index["models"]}
-    assert counts["tiny-a"] == 128 and counts["tiny-b"] is None and counts["tiny-a-permuted"] is None
+    assert counts["tiny-a"] == len(above(reference_excess(atlas_db), CUSTOM)) > 0
+    assert counts["tiny-b"] is None and counts["tiny-a-permuted"] is None
     assert all(layer["n_universal"] is None for o in index["models"][1:] for layer in o["layers"])
     assert index["models"][0]["model"]["url"] == f"/models/tiny-a?run={REFERENCE_ONLY_RUN}&threshold={CUSTOM}"
 
@@ -182,8 +211,10 @@ def test_neuron_page_at_the_threshold(client, atlas_db):
 def test_search_keeps_the_threshold(client):
     jump = client.get("/search", params={"q": "L1N2", "threshold": CUSTOM}, headers=HTML, follow_redirects=False)
     assert jump.status_code == 303 and jump.headers["location"] == f"/models/tiny-a/neurons/1/2?threshold={CUSTOM}"
-    hits = client.get("/api/v1/search", params={"q": "def", "threshold": CUSTOM}).json()["hits"]
+    body = client.get("/api/v1/search", params={"q": "def", "threshold": CUSTOM}).json()
+    hits = body["items"] + [t for item in body["items"] for t in item["twins"]]
     assert hits and all(threshold_of(h["neuron"]["url"]) == [str(CUSTOM)] for h in hits)
+    assert body["threshold"] == CUSTOM and threshold_of(body["next_url"]) == [str(CUSTOM)]
 
 
 def test_pages_show_and_keep_the_threshold(client):
@@ -205,7 +236,8 @@ def test_pages_show_and_keep_the_threshold(client):
     assert f'name="threshold" value="{CUSTOM}"' in explorer
     assert '<input type="hidden" name="threshold"' in explorer  # the header's search box keeps it
     neuron = client.get("/models/tiny-a/neurons/0/3", params={"threshold": CUSTOM}, headers=HTML).text
-    assert neuron.count(f'<input type="hidden" name="threshold" value="{CUSTOM}">') == 3  # search, jump, live text
+    hidden = f'<input type="hidden" name="threshold" value="{CUSTOM}">'
+    assert neuron.count(hidden) == 4  # search, jump, live text, intervention
     assert f"threshold {CUSTOM} (the run" in neuron
     assert 'name="threshold"' not in client.get("/models/tiny-a/neurons/0/3", headers=HTML).text
 
@@ -220,11 +252,12 @@ def test_a_plain_form_submission_with_empty_fields_works(client):
     assert page.status_code == 200, page.text
     context = page.context["page"]
     assert context.threshold == CUSTOM and context.filters.ranges[0].low == 0.2 and context.limit == 50
-    empty = client.get("/api/v1/?threshold=").json()
-    assert empty["threshold"] == client.get("/api/v1/").json()["threshold"]
+    # The threshold fields are required (always sent with a value): an empty one is no number, as the schema says.
+    empty = client.get("/api/v1/?threshold=")
+    assert empty.status_code == 422 and [d["loc"] for d in empty.json()["detail"]] == [["query", "threshold"]]
 
 
-BAD_VALUES = ("nan", "inf", "-inf", "1e999", "2.01", "-1.5", "abc", "0.3x")
+BAD_VALUES = ("nan", "inf", "-inf", "1e999", "2.01", "-1.5", "abc", "0.3x", "")
 ROUTES = (
     "/api/v1/",
     "/",

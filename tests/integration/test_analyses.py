@@ -18,25 +18,14 @@ import pytest
 import scipy.stats
 import torch
 
-from precompute import pipeline
+from cli.main import main
 from precompute.activations import run_mlp_hooks
-from precompute.cli import main
 from precompute.data import DatasetConfig, build_dataset
 from precompute.features import normalise
 from precompute.models import load_model, resolve_source
+from precompute.training.tokenizer import load_tokenizer
 
-ANALYSIS_STAGES = {
-    "stats": "precompute.stats:StatsStage",
-    "examples": "precompute.examples:ExamplesStage",
-    "families": "precompute.families:FamiliesStage",
-}
 TOKENS, CTX, BATCH = 6000, 64, 8
-
-
-@pytest.fixture(autouse=True)
-def registered_stages(monkeypatch):
-    for name, factory in ANALYSIS_STAGES.items():
-        monkeypatch.setitem(pipeline.STAGE_FACTORIES, name, factory)
 
 
 def query(db: Path, sql: str, *params: object) -> list[tuple]:
@@ -50,8 +39,6 @@ def precompute(db: Path, stages: str, *models: Path) -> None:
 
 
 def dataset_for(model_dir: Path):
-    from precompute.corpus import load_tokenizer
-
     return build_dataset(DatasetConfig(tokens=TOKENS, ctx=CTX, batch_size=BATCH), load_tokenizer(model_dir), CTX)
 
 
@@ -71,12 +58,9 @@ def analysed(tiny_family, tmp_path_factory) -> SimpleNamespace:
     then examples and families alone on the same run; plus the reference model re-run on the dataset."""
     db = tmp_path_factory.mktemp("analyses") / "atlas.db"
     models = (tiny_family["base"], tiny_family["other"])
-    with pytest.MonkeyPatch.context() as patch:
-        for name, factory in ANALYSIS_STAGES.items():
-            patch.setitem(pipeline.STAGE_FACTORIES, name, factory)
-        precompute(db, "correlations,stats", *models)
-        stats_rows = query(db, "SELECT count(*) FROM activation_stats")[0][0]
-        precompute(db, "examples,families", *models)
+    precompute(db, "correlations,stats", *models)
+    stats_rows = query(db, "SELECT count(*) FROM activation_stats")[0][0]
+    precompute(db, "examples,families", *models)
     model = load_model(resolve_source(str(tiny_family["base"])))
     dataset = dataset_for(tiny_family["base"])
     base_id = query(db, "SELECT id FROM models WHERE is_reference")[0][0]
@@ -178,8 +162,6 @@ def planted_unigram_model(source: Path, folder: Path, token: int, neuron: int) -
     """
     from transformers import GPT2LMHeadModel
 
-    from precompute.corpus import load_tokenizer
-
     model = GPT2LMHeadModel.from_pretrained(source)
     with torch.no_grad():
         u = torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(0))
@@ -202,8 +184,6 @@ def planted_unigram_model(source: Path, folder: Path, token: int, neuron: int) -
 
 def test_a_neuron_wired_to_one_token_is_labelled_unigram_for_it(tiny_family, tmp_path):
     dataset = dataset_for(tiny_family["base"])
-    from precompute.corpus import load_tokenizer
-
     tokenizer = load_tokenizer(tiny_family["base"])
     strings = [tokenizer.decode([i]) for i in range(len(tokenizer))]
     norms = [normalise(s) for s in strings]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from precompute.cli import main
+from cli.main import main
 
 
 def query(db: Path, sql: str, *params: object) -> list[tuple]:
@@ -63,6 +64,30 @@ def test_permuted_copies_recover_the_permutation_exactly(tiny_family, tmp_path):
         assert mean_corr == pytest.approx(1.0, abs=1e-3)
         assert excess == pytest.approx(1.0 - mean_baseline, abs=1e-3)
         assert mean_baseline < 0.999
+
+
+def test_command_line_options_reach_the_run(tiny_family, tmp_path):
+    """Every correlation and run option lands in the run's recorded configuration (the configuration that names
+    the run), with values unlike the defaults, and the ones that shape the tables do shape them."""
+    db = tmp_path / "atlas.db"
+    options = ["--baseline", "haar", "--baseline-seed", "4", "--top-k", "3", "--memory-budget-gb", "1.5"]
+    options += ["--precision", "float64", "--reference-only", "--threshold", "0.25", "--device", "cpu:0"]
+    options += ["--dtype", "bfloat16", "--stages", "correlations"]
+    models = [str(tiny_family["base"]), str(tiny_family["other"])]
+    assert main(["precompute", "--db", str(db), "--tokens", "3000", *options, *models]) == 0
+    config = json.loads(query(db, "SELECT config FROM runs")[0][0])
+    assert config["correlation"] == {
+        "baseline": "haar",
+        "baseline_seed": 4,
+        "top_k": 3,
+        "precision": "float64",
+        "reference_only": True,
+        "memory_budget_gb": 1.5,
+    }
+    assert (config["threshold"], config["device"], config["dtype"]) == (0.25, "cpu:0", "bfloat16")
+    assert query(db, "SELECT DISTINCT rank FROM matches ORDER BY rank") == [(0,), (1,), (2,)]  # --top-k 3
+    assert query(db, "SELECT count(*) FROM neurons WHERE universal != (excess_corr > 0.25)") == [(0,)]
+    assert query(db, "SELECT json_extract(environment, '$.device') FROM runs") == [("cpu:0",)]
 
 
 def test_counted_tokens_skip_bos_eos_and_newlines(tiny_family, tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from transformers import GPT2LMHeadModel
 
@@ -51,12 +52,7 @@ def make_config(db: Path, family: list[Path], **roles: object) -> pipeline.Preco
     )
 
 
-@pytest.fixture
-def roles_registered(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(pipeline.STAGE_FACTORIES, "roles", "precompute.roles:RolesStage")
-
-
-def test_roles_stage_writes_every_table(family, tmp_path, roles_registered):
+def test_roles_stage_writes_every_table(family, tmp_path):
     db = tmp_path / "atlas.db"
     run_id = pipeline.run_precompute(make_config(db, family))
     assert query(db, "SELECT status, stages FROM runs WHERE id = ?", run_id) == [("complete", '["roles"]')]
@@ -83,16 +79,27 @@ def test_roles_stage_writes_every_table(family, tmp_path, roles_registered):
     assert [row[1] for row in curve[1:]] == sorted(row[1] for row in curve[1:])  # the LN scale rises with v
     assert [row[2] for row in curve[1:]] == sorted(row[2] for row in curve[1:])  # and so does the entropy
     assert {row[3] for row in curve} == {0} and curve[0][4] > 0
-    for n_points, points, pearson in query(db, "SELECT n_points, points, pearson_bos FROM path_ablations"):
-        decoded = np.frombuffer(points, dtype=np.float32).reshape(-1, 3)
+    ablations = query(
+        db, "SELECT n_points, points, pearson_bos, spearman_bos, pearson_norm, spearman_norm FROM path_ablations"
+    )
+    for n_points, points, *stored in ablations:
+        decoded = np.frombuffer(points, dtype=np.float32).reshape(-1, 3).astype(np.float64)
         assert decoded.shape == (n_points, 3) == (4 * (CTX - 16), 3)  # ablation_rows = 4 rows of the dataset
-        assert pearson is None or -1 <= pearson <= 1
+        # the stored correlations are those of the stored points: the activation against each change (Spearman's
+        # is Pearson's of the ranks, ties sharing their mean rank)
+        ranks = scipy.stats.rankdata(decoded, axis=0)
+        expected = []
+        for column in (1, 2):
+            expected += [np.corrcoef(decoded[:, 0], decoded[:, column])[0, 1]]
+            expected += [np.corrcoef(ranks[:, 0], ranks[:, column])[0, 1]]
+        assert all(np.isfinite(expected))  # the changes vary, so every correlation is defined
+        assert stored == pytest.approx(expected, abs=1e-5)
     timings = query(db, "SELECT timings FROM runs")[0][0]
     assert '"roles"' in timings
 
 
-def test_rewriting_is_idempotent_and_reference_only(family, tmp_path, roles_registered):
-    from precompute.roles import RolesStage
+def test_rewriting_is_idempotent_and_reference_only(family, tmp_path):
+    from precompute.stages.roles import RolesStage
     from precompute.store import AtlasStore
 
     config = make_config(tmp_path / "atlas.db", family, models="reference", n_path_ablation_pairs=1)
@@ -102,11 +109,13 @@ def test_rewriting_is_idempotent_and_reference_only(family, tmp_path, roles_regi
         ids = {
             m.name: store.add_model(run_id, position=i, is_reference=i == 0, **m.record()) for i, m in enumerate(models)
         }
-        context = pipeline.RunContext(config, store, run_id, models, ids, dataset)
+        context = pipeline.RunContext(
+            config=config, models=models, dataset=dataset, store=store, run_id=run_id, model_ids=ids
+        )
         stage = RolesStage(context)
-        stage.write(context)
+        pipeline.write_stage(stage, context)
         first = {t: query(config.db, f"SELECT count(*) FROM {t}") for t in ("roles", "path_ablations")}
-        stage.write(context)
+        pipeline.write_stage(stage, context)
         assert {t: query(config.db, f"SELECT count(*) FROM {t}") for t in first} == first
     assert query(config.db, "SELECT DISTINCT model_id FROM roles") == [(ids["planted-a"],)]
     assert first["path_ablations"] == [(1,)]
@@ -120,6 +129,6 @@ def test_rewriting_is_idempotent_and_reference_only(family, tmp_path, roles_regi
         ({"models": "first"}, "one of all, reference"),
     ],
 )
-def test_bad_roles_settings_are_refused(family, tmp_path, roles_registered, roles, message):
+def test_bad_roles_settings_are_refused(family, tmp_path, roles, message):
     with pytest.raises(pipeline.ConfigError, match=message):
         pipeline.run_precompute(make_config(tmp_path / "atlas.db", family, **roles))

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
-from precompute.gpt_train import StepInfo, TrainConfig, TrainConfigError, batch_row_indices, train_family
+from precompute.training.trainer import StepInfo, TrainConfig, TrainConfigError, batch_row_indices, train_family
 
 MANIFEST_KEYS = {
     "finished", "command", "seed", "data_seed", "steps", "tokens", "initial_train_loss", "final_train_loss",
@@ -109,7 +109,9 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path) -> None:
         train_family(interrupted, command="b", on_step=kill_at_step_13)
     assert (tmp_path / "b" / "seed-3" / "checkpoint.pt").exists()  # written at step 10; steps 11-13 are lost
     assert not (tmp_path / "b" / "seed-3" / "manifest.json").exists()
-    [resumed] = train_family(interrupted, command="b")
+    steps: list[int] = []
+    [resumed] = train_family(interrupted, command="b", on_step=lambda info: steps.append(info.step))
+    assert steps == list(range(11, 26))  # resumed after the checkpoint of step 10: steps 1-10 are not trained again
     expected, got = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert expected.keys() == got.keys()
     for name in expected:

@@ -165,6 +165,33 @@ def test_memory_budget_splits_into_passes_with_identical_results():
         torch.testing.assert_close(split.results[key].baseline_corr, result.baseline_corr)
 
 
+@pytest.mark.parametrize("budget_gb", [None, 4 * 12 * 8 / 2**30])
+def test_memory_plan_is_the_state_the_engine_holds(budget_gb):
+    from tests.factories import tensor_bytes
+
+    rng = np.random.default_rng(7)
+    acts = {name: random_activations(rng, 6, 12, 3, 4) for name in "abc"}
+    shapes = [ModelShape(name, 3, 4) for name in "abc"]
+    config = CorrelationConfig(memory_budget_gb=budget_gb, top_k=2)
+    engine = CorrelationEngine(shapes, config)
+    memory = engine.plan.memory(batch_tokens=6 * 12)
+    n_all = sum(shape.n_neurons for shape in shapes)
+    largest = 0
+    while not engine.done:  # every pass's accumulators with the Gram matrices it gathers
+        for batch in make_batches(acts, np.ones((6, 12), dtype=bool), [3]):
+            engine.update(batch)
+        results = [vars(result) for result in engine.results.values()]
+        moments = [(m.shift, m.total, m.gram) for m in engine.moments]
+        largest = max(largest, tensor_bytes(engine.accumulators, moments, results))
+        engine.finish_pass()
+    assert (engine.n_passes == 1) == (budget_gb is None)
+    assert not any(m.gram for m in engine.moments) and not engine._rotations and not engine.accumulators
+    # the sums of squares and the rotated spreads: 8 bytes a neuron each
+    assert memory.state == largest + 16 * n_all
+    rest = [(m.shift, m.total, m.squares) for m in engine.moments]
+    assert memory.rest == tensor_bytes(rest, engine.rotated_std, [vars(r) for r in engine.results.values()])
+
+
 def test_state_dict_round_trip_resumes_mid_pass():
     rng = np.random.default_rng(6)
     acts = {name: random_activations(rng, 6, 12, 2, 4) for name in "ab"}

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from precompute.data import DataError, DatasetConfig, build_dataset, pack_documents
+from precompute.data import DataError, DatasetConfig, build_dataset
+from precompute.packing import pack_documents
 from tests.factories import tiny_tokenizer
 
 

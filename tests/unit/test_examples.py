@@ -10,8 +10,8 @@ import torch
 
 from precompute.activations import ActivationBatch
 from precompute.data import DatasetConfig, TokenDataset
-from precompute.examples import ExamplesStage, gather_windows
 from precompute.pipeline import ConfigError
+from precompute.stages.examples import ExamplesStage, gather_windows
 
 N_ROWS, CTX, N_LAYERS, D_MLP = 14, 40, 2, 4
 
@@ -50,6 +50,16 @@ def run_stage(context, batches) -> ExamplesStage:
         stage.update(batch)
     stage.finish_pass()
     return stage
+
+
+def test_memory_estimate_is_the_state_the_stage_holds():
+    from tests.factories import tensor_bytes
+
+    for analysis in (None, {"top": 3, "quantiles": [0.5, 0.9], "per_bin": 2, "random": 1, "before": 3}):
+        context, batches, _ = synthetic_run(analysis)
+        stage = run_stage(context, batches)
+        assert stage.state["m"]["edges"] is not None
+        assert ExamplesStage.memory_bytes(context).state == tensor_bytes(stage.state)
 
 
 def stored(stage: ExamplesStage, context) -> list[dict]:

@@ -15,7 +15,8 @@ from hypothesis.extra.numpy import arrays
 from precompute import features as feats
 from precompute.activations import ActivationBatch
 from precompute.data import DatasetConfig, build_dataset
-from precompute.families import (
+from precompute.stages.families import (
+    POOLED_BUCKETS,
     FamiliesConfig,
     FamiliesStage,
     grouped_variance_reduction,
@@ -80,7 +81,7 @@ def test_token_features_unigram_alphabet_and_classes():
     assert member["token:on"] == {1, 2, 3}  # normalised: lower().strip(), 21 occurrences
     assert member["token:apple"] == {4}
     assert "token:1999" not in member  # too rare
-    assert member["letter:o"] == {1, 2, 3} and member["letter:a"] == {4}
+    assert member["first_letter:o"] == {1, 2, 3} and member["first_letter:a"] == {4}
     assert member["class:year"] == {5} and member["class:digits"] == {5, 6}
     assert member["class:leading_space"] == {1, 4, 6}
     assert member["class:open_bracket"] == {7} and member["class:whitespace"] == {8}
@@ -99,7 +100,7 @@ def test_pooled_buckets_keep_class_and_letter_features_exact():
     assert buckets.bucket_of[1] == buckets.bucket_of[2]  # " car" and " cab": same letter and classes
     assert buckets.bucket_of[3] == buckets.bucket_of[4] != buckets.bucket_of[1]
     f = feats.token_features("token", strings, buckets, counts, min_count=1, special=[])
-    letter_c = f.membership[f.names.index("letter:c")].toarray()[0]
+    letter_c = f.membership[f.names.index("first_letter:c")].toarray()[0]
     assert {t for t in range(6) if letter_c[buckets.bucket_of[t]]} == {0, 1, 2}
     assert "token:car" not in f.names  # a pooled id loses its unigram feature (documented)
 
@@ -178,21 +179,30 @@ def test_documents_are_rejoined_across_rows():
 
 
 @pytest.mark.parametrize(
-    ("best", "kurt", "mi", "family"),
+    ("best", "kurt", "mi", "alphabet", "family"),
     [
-        ({"unigram": ("token:def", 0.9), "alphabet": ("letter:d", 0.4)}, 5.0, 0.0, "unigram"),
-        ({"unigram": ("token:a", 0.6), "alphabet": ("letter:a", 0.3)}, 5.0, 0.0, "alphabet"),
-        ({"alphabet": ("letter:q", 0.36), "unigram": ("token:qu", 0.2)}, 5.0, 0.0, "alphabet"),
-        ({"token_class": ("class:digits", 0.7)}, 5.0, 0.0, "unigram"),
-        ({"unigram": ("token:x", 0.1), "previous_token": ("prev_token:(", 0.6)}, 5.0, 0.0, "previous_token"),
-        ({"position": ("position:<8", 0.2)}, 1.8, 0.3, "position"),
-        ({"position": ("position:<8", 0.2)}, 3.0, 0.3, "none"),
-        ({"syntax": ("syntax:string", 0.45), "unigram": ("token:x", 0.3)}, 5.0, 0.0, "syntax"),
-        ({"syntax": ("syntax:string", 0.2), "unigram": ("token:x", 0.3)}, 5.0, 0.0, "none"),
+        ({"unigram": ("token:def", 0.9), "first_letter": ("first_letter:d", 0.4)}, 5.0, 0.0, None, "unigram"),
+        # the alphabet family is the model's best neuron per letter (`alphabet_neurons`), passed in
+        (
+            {"unigram": ("token:a", 0.6), "first_letter": ("first_letter:a", 0.3)},
+            5.0,
+            0.0,
+            ("token:a", 0.6),
+            "alphabet",
+        ),
+        ({"unigram": ("token:a", 0.6)}, 5.0, 0.0, None, "unigram"),  # not the best neuron for "a"
+        ({"first_letter": ("first_letter:q", 0.36), "unigram": ("token:qu", 0.2)}, 5.0, 0.0, None, "none"),
+        ({"first_letter": ("first_letter:q", 0.6)}, 5.0, 0.0, None, "unigram"),  # a token feature, not alphabet
+        ({"token_class": ("class:digits", 0.7)}, 5.0, 0.0, None, "unigram"),
+        ({"unigram": ("token:x", 0.1), "previous_token": ("prev_token:(", 0.6)}, 5.0, 0.0, None, "previous_token"),
+        ({"position": ("position:<8", 0.2)}, 1.8, 0.3, None, "position"),
+        ({"position": ("position:<8", 0.2)}, 3.0, 0.3, None, "none"),
+        ({"syntax": ("syntax:string", 0.45), "unigram": ("token:x", 0.3)}, 5.0, 0.0, None, "syntax"),
+        ({"syntax": ("syntax:string", 0.2), "unigram": ("token:x", 0.3)}, 5.0, 0.0, None, "none"),
     ],
 )
-def test_family_rules(best, kurt, mi, family):
-    label, _feature, vr, rule = label_neuron(best, kurt, mi, FamiliesConfig())
+def test_family_rules(best, kurt, mi, alphabet, family):
+    label, _feature, vr, rule = label_neuron(best, kurt, mi, FamiliesConfig(), alphabet)
     assert label == family and rule
     if family == "none":
         assert vr == max(v for _, v in best.values())
@@ -250,3 +260,63 @@ def test_families_stage_streams_the_same_variance_reduction_as_the_raw_data():
     best = int(np.argmax(vr[:, 0]))
     assert sets[best] == "unigram" and vr[best, 0] > 0.5
     assert names[best] == "token:" + norms[liked]
+
+
+@pytest.mark.parametrize("max_vocab", [None, 40])
+def test_families_memory_estimate_is_the_state_the_stage_holds(max_vocab):
+    from tests.factories import tensor_bytes, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    dataset = build_dataset(DatasetConfig(tokens=2000, ctx=32, batch_size=8), tokenizer, model_ctx=32)
+    model = SimpleNamespace(name="m", n_layers=1, d_mlp=6, n_neurons=6, d_vocab=len(tokenizer), tokenizer=tokenizer)
+    config = SimpleNamespace(analysis={"families": {"max_vocab": max_vocab}}, device="cpu")
+    context = SimpleNamespace(config=config, dataset=dataset, models=[model])
+    stage = FamiliesStage(context)
+    tokens, pre = torch.from_numpy(dataset.rows[:8]), torch.randn(8, 32, 1, 6)
+    counted = torch.from_numpy(dataset.counted[:8])
+    stage.update(ActivationBatch(0, tokens, counted, {"m": torch.nn.functional.gelu(pre)}, {"m": pre}))
+    maps = (stage.token_category, stage.previous_category)
+    held = tensor_bytes(stage.state, stage.counts, maps, stage.context_labels)
+    estimate = FamiliesStage.memory_bytes(context).state
+    if max_vocab is None:
+        assert estimate == held
+    else:  # the pooled buckets are an allowance (token and previous token: 6 neurons' sums and a count each)
+        assert held <= estimate <= held + 2 * (6 + 1) * 8 * POOLED_BUCKETS
+
+
+def test_families_split_over_passes_keeps_the_same_best_features():
+    """With the memory plan's split, each pass sums one block of neurons per category: same best features."""
+    from precompute.memory import Split
+    from tests.factories import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    dataset = build_dataset(DatasetConfig(tokens=2000, ctx=32, batch_size=8), tokenizer, model_ctx=32)
+    model = SimpleNamespace(name="m", n_layers=1, d_mlp=7, n_neurons=7, d_vocab=len(tokenizer), tokenizer=tokenizer)
+    config = SimpleNamespace(analysis={"families": {"unigram_min_count": 5}}, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for start in dataset.batch_starts():
+        tokens = torch.from_numpy(dataset.rows[start : start + 8])
+        pre = torch.randn(*tokens.shape, 1, 7, generator=generator) + (tokens % 3 == 0)[..., None, None]
+        post = torch.nn.functional.gelu(pre, approximate="tanh")
+        batches.append(
+            ActivationBatch(
+                start, tokens, torch.from_numpy(dataset.counted[start : start + 8]), {"m": post}, {"m": pre}
+            )
+        )
+    stages = []
+    for passes in (1, 3):
+        stage = FamiliesStage(
+            SimpleNamespace(config=config, dataset=dataset, models=[model], split=Split({"families": passes}))
+        )
+        while not stage.done_streaming:
+            for batch in batches:
+                stage.update(batch)
+            stage.finish_pass()
+        stage._reduce("m", stage.blocks["m"][stage.pass_index])  # what `write` does with the last block
+        stages.append(stage)
+    whole, split = stages
+    assert split.pass_index == 2
+    for key in ("top_index", "top_vr", "best_index", "best_vr"):
+        np.testing.assert_array_equal(split.state["m"][key], whole.state["m"][key])
+    assert whole.state["m"]["best_vr"].max() > 0

@@ -9,19 +9,9 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from precompute.causal import clean_run, entropy_intervention, next_token_metrics, path_ablation, valid_positions
 from precompute.pipeline import ConfigError
-from precompute.roles import (
-    RolesConfig,
-    analyse_model,
-    baseline_neurons,
-    clean_run,
-    entropy_intervention,
-    next_token_metrics,
-    path_ablation,
-    ranked_neurons,
-    valid_positions,
-    vocab_roles,
-)
+from precompute.stages.roles import RolesConfig, analyse_model, baseline_neurons, ranked_neurons, vocab_roles
 from precompute.weights import (
     bos_attention_scores,
     bos_query_directions,

@@ -14,16 +14,10 @@ from hypothesis import strategies as st
 
 from precompute.activations import ActivationBatch
 from precompute.data import DatasetConfig, TokenDataset
+from precompute.moments import StreamingMoments, histogram_update, within_layer_percentiles
 from precompute.pipeline import ConfigError
-from precompute.stats import (
-    StatsConfig,
-    StatsStage,
-    StreamingMoments,
-    counted_activations,
-    histogram_update,
-    stage_config,
-    within_layer_percentiles,
-)
+from precompute.stage_config import stage_config
+from precompute.stages.stats import StatsConfig, StatsStage
 
 
 def synthetic_run(
@@ -43,7 +37,9 @@ def synthetic_run(
     counted = (rows != 0) & (rng.random(rows.shape) > 0.15)
     dataset = TokenDataset(rows, counted, DatasetConfig(batch_size=4), ctx, {})
     models = [
-        SimpleNamespace(name=f"m{i}", n_layers=n_layers, d_mlp=d_mlp, n_neurons=n_layers * d_mlp, d_vocab=vocab)
+        SimpleNamespace(
+            name=f"m{i}", n_layers=n_layers, d_mlp=d_mlp, n_neurons=n_layers * d_mlp, d_vocab=vocab, d_model=4
+        )
         for i in range(n_models)
     ]
     config = SimpleNamespace(analysis=analysis or {}, device="cpu")
@@ -63,7 +59,18 @@ def synthetic_run(
 
 def concatenated(batches: list[ActivationBatch], model: str, hook: str) -> np.ndarray:
     """[counted tokens, n_neurons] of one model over all batches, in float64."""
-    return np.concatenate([counted_activations(b, model, hook).x.double().numpy() for b in batches])
+    return np.concatenate([b.counted_activations(model, hook).x.double().numpy() for b in batches])
+
+
+def column_rows(tables: list[dict]) -> list[dict]:
+    """Rows from tables given column by column (`precompute.store.AtlasStore.insert_columns`)."""
+    rows = []
+    for columns in tables:
+        length = max(len(v) for v in columns.values() if isinstance(v, np.ndarray | list))
+        rows += [
+            {k: (v[i].item() if isinstance(v, np.ndarray) else v) for k, v in columns.items()} for i in range(length)
+        ]
+    return rows
 
 
 def run_stage(context, batches) -> StatsStage:
@@ -136,7 +143,7 @@ def test_histograms_position_profiles_and_token_tables_match_numpy():
         else:
             assert np.isnan(mean[p]).all()
     tokens = dataset.rows[dataset.counted]
-    rows = list(stage._token_rows(context.models[1], 7))
+    rows = column_rows(stage.token_columns("m1", 7, 5))
     for row in rows:
         flat = row["layer"] * 5 + row["neuron"]
         values = post[tokens == row["token_id"], flat]
@@ -162,6 +169,42 @@ def test_state_dict_resumes_to_the_same_result():
         np.testing.assert_allclose(resumed.activation_columns("m0")[name], value, rtol=1e-12)
 
 
+def test_memory_estimate_is_the_state_the_stage_holds():
+    from tests.factories import tensor_bytes
+
+    for analysis in (None, {"stats": {"bins": 7, "max_vocab": 5}}):
+        context, batches = synthetic_run(analysis=analysis)
+        stage = StatsStage(context)
+        for batch in batches:
+            stage.update(batch)
+        streaming = tensor_bytes(stage.state, stage.shared, stage.slot, stage.tracked, stage.token_block)
+        stage.finish_pass()
+        memory = StatsStage.memory_bytes(context)
+        assert memory.state == streaming
+        assert memory.rest == tensor_bytes(stage.state, stage.shared, stage.slot, stage.tracked)
+
+
+def test_token_tables_split_over_passes_are_the_same():
+    """With the memory plan's split, each pass keeps the token tables of one block of neurons: same tables."""
+    from precompute.memory import Split
+
+    context, batches = synthetic_run(analysis={"stats": {"token_min_count": 2}})
+    whole = run_stage(context, batches)
+    split_context = SimpleNamespace(**vars(context), split=Split({"stats": 3}))
+    split = StatsStage(split_context)
+    passes = 0
+    while not split.done_streaming:
+        for batch in batches:
+            split.update(batch)
+        split.finish_pass()
+        passes += 1
+    assert passes == 3
+    for model in context.models:
+        assert column_rows(split.token_columns(model.name, 1, 5)) == column_rows(whole.token_columns(model.name, 1, 5))
+        for name, value in whole.activation_columns(model.name).items():
+            np.testing.assert_array_equal(split.activation_columns(model.name)[name], value)
+
+
 def test_histogram_update_puts_edges_in_the_upper_bin():
     counts = torch.zeros(5, dtype=torch.int64)
     histogram_update(counts, torch.tensor([[-5.0], [0.0], [0.999], [1.0], [3.0]]), 0.0, 3.0, 3)
@@ -179,7 +222,7 @@ def test_within_layer_percentiles_equal_scipy():
             if np.isnan(values[layer, n]):
                 assert np.isnan(got[layer, n])
             else:
-                expected = scipy.stats.percentileofscore(finite, values[layer, n], kind="mean")
+                expected = scipy.stats.percentileofscore(finite, values[layer, n], kind="rank")  # the paper's
                 assert got[layer, n] == pytest.approx(expected)
 
 
@@ -191,3 +234,33 @@ def test_stage_config_refuses_unknown_keys_and_bad_values():
         stage_config(StatsConfig, {"bins": "many"}, "stats")
     with pytest.raises(ConfigError, match="low < high"):
         stage_config(StatsConfig, {"post_range": [2, 1]}, "stats")
+
+
+def test_moments_of_one_row_a_small_spread_and_constant_columns():
+    """Edges the random test above rarely draws: a single row, a variance below 1, a constant column (NaN shape)."""
+    x = np.array([[2.0, 0.1, -5.0], [2.0, 0.3, -5.0], [2.0, -0.2, -5.0], [2.0, 0.45, -5.0]])
+    moments = StreamingMoments(3, torch.device("cpu"))
+    moments.update(len(x), torch.from_numpy(np.stack([(x**k).sum(0) for k in range(1, 5)])))
+    np.testing.assert_allclose(moments.mean().numpy(), x.mean(0))
+    np.testing.assert_allclose(moments.variance().numpy(), x.var(0), atol=1e-12)
+    assert 0 < x[:, 1].var() < 1
+    assert float(moments.skew()[1]) == pytest.approx(scipy.stats.skew(x[:, 1]), rel=1e-9)
+    assert float(moments.kurtosis()[1]) == pytest.approx(scipy.stats.kurtosis(x[:, 1], fisher=False), rel=1e-9)
+    for column in (0, 2):  # constant: no shape
+        assert np.isnan(float(moments.skew()[column])) and np.isnan(float(moments.kurtosis()[column]))
+    one = StreamingMoments(1, torch.device("cpu"))
+    one.update(1, torch.tensor([[3.0], [9.0], [27.0], [81.0]], dtype=torch.float64))
+    assert float(one.mean()[0]) == 3.0 and float(one.variance()[0]) == 0.0
+
+
+def test_histogram_update_matches_numpy_off_zero_and_off_unit_scale():
+    """A range that starts below zero with bins of width 0.5: the edges are ``low + i / scale``, not ``i / scale``."""
+    x = torch.from_numpy(np.random.default_rng(3).uniform(-3.2, 4.1, size=(500, 2)))
+    low, high, bins = -2.0, 3.0, 10
+    counts = torch.zeros(2 * (bins + 2), dtype=torch.int64)
+    histogram_update(counts, x, low, high, bins)
+    for column in range(2):
+        values = x[:, column].numpy()
+        inside = np.histogram(values[(values >= low) & (values < high)], bins=np.linspace(low, high, bins + 1))[0]
+        expected = [int((values < low).sum()), *inside.tolist(), int((values >= high).sum())]
+        assert counts[column * (bins + 2) : (column + 1) * (bins + 2)].tolist() == expected

@@ -1,12 +1,17 @@
-"""The ``universal-neurons`` command: train the embedded family, precompute an atlas, migrate, serve.
+"""The ``universal-neurons`` command: train the embedded family, precompute an atlas, import the paper's tables,
+compare two runs, migrate, serve.
 
 Every input error ends the command with one clear line on stderr and a non-zero exit code, before any file
 that could look like a finished result is written.
+
+This package sits above `precompute` and `app` and may import both; neither imports it. The trainer and the web
+stack are imported only by the commands that use them, so a precompute never loads either.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -15,16 +20,24 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from precompute.compare import ComparisonError, RunComparison, compare_runs, parse_spec, resolve_spec
 from precompute.correlation import BASELINES, PRECISIONS, CorrelationConfig, CorrelationError
 from precompute.data import DataError, DatasetConfig
+from precompute.memory import DEFAULT_SHARE
 from precompute.models import ModelLoadError
-from precompute.pipeline import DEFAULT_STAGES, STAGE_FACTORIES, PrecomputeConfig
+from precompute.pipeline import PrecomputeConfig, run_precompute
+from precompute.presets import PRESETS, merged_analysis
+from precompute.published import PUBLISHED_MODELS, PublishedTableError, import_paper
 from precompute.stage_config import ConfigError
+from precompute.stages import DEFAULT_STAGES, STAGES_BY_NAME
+from precompute.store import upgrade
 
 logger = logging.getLogger("universal_neurons")
 
 #: Errors that mean "the input is wrong": reported as one line, exit code 2.
 USER_ERRORS: tuple[type[Exception], ...] = (ModelLoadError, DataError, CorrelationError, ConfigError, FileNotFoundError)
+#: The same for the paper's tables and for comparisons (issue 7).
+USER_ERRORS += (PublishedTableError, ComparisonError)
 
 
 def _positive_int(text: str) -> int:
@@ -36,9 +49,9 @@ def _positive_int(text: str) -> int:
 
 def _stage_list(text: str) -> tuple[str, ...]:
     stages = tuple(s.strip() for s in text.split(",") if s.strip())
-    unknown = [s for s in stages if s not in STAGE_FACTORIES]
+    unknown = [s for s in stages if s not in STAGES_BY_NAME]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown stage {unknown[0]!r}; choose from {', '.join(STAGE_FACTORIES)}")
+        raise argparse.ArgumentTypeError(f"unknown stage {unknown[0]!r}; choose from {', '.join(STAGES_BY_NAME)}")
     return stages
 
 
@@ -71,6 +84,13 @@ def _add_precompute(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("models", nargs="+", help="two or more models trained from different seeds")
     parser.add_argument("--db", type=Path, required=True, help="SQLite file to write (created or resumed)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="set many options and stage settings at once (recorded in the run); options and --set given with it "
+        "win. " + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values()),
+    )
     data = parser.add_argument_group("dataset")
     data.add_argument("--tokens", type=int, default=DatasetConfig.tokens, help="tokens to run (default %(default)s)")
     data.add_argument(
@@ -78,7 +98,13 @@ def _add_precompute(commands: argparse._SubParsersAction) -> None:
         default="stdlib",
         help="stdlib (held-out stdlib files), stdlib:all, a .txt/.jsonl file or folder, or hf:NAME",
     )
-    data.add_argument("--ctx", type=int, default=None, help="tokens per row (default: min(256, model context))")
+    data.add_argument("--ctx", type=int, default=None, help="tokens per row (default: min(--max-ctx, model context))")
+    data.add_argument(
+        "--max-ctx",
+        type=int,
+        default=DatasetConfig.max_ctx,
+        help="tokens per row when --ctx is not given, unless the models' context is shorter (default %(default)s)",
+    )
     data.add_argument("--batch-size", type=_positive_int, default=DatasetConfig.batch_size, help="rows per batch")
     data.add_argument("--text-field", default="text", help="text field of .jsonl files and HF datasets")
     data.add_argument("--hf-split", default="train", help="split of a Hugging Face dataset")
@@ -104,7 +130,14 @@ def _add_precompute(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="per-batch products (default float32 on CPU, bfloat16 on CUDA)",
     )
-    corr.add_argument("--memory-budget-gb", type=float, default=None, help="memory for accumulators")
+    corr.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        default=None,
+        help="memory the run may plan (models, a batch, every stage's state; the Python runtime aside); it is "
+        f"split into more passes or smaller batches to fit, or refused before any work. Default: "
+        f"{int(DEFAULT_SHARE * 100)}%% of the memory available at the start",
+    )
     corr.add_argument("--threshold", type=float, default=0.5, help="excess correlation that counts as universal")
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -113,7 +146,7 @@ def _add_precompute(commands: argparse._SubParsersAction) -> None:
         "--stages",
         type=_stage_list,
         default=None,
-        help=f"comma-separated stages to run (all by default): {', '.join(STAGE_FACTORIES)}",
+        help=f"comma-separated stages to run (all by default): {', '.join(STAGES_BY_NAME)}",
     )
     run.add_argument("--checkpoint-seconds", type=float, default=300.0, help="seconds between checkpoints")
     run.add_argument(
@@ -123,7 +156,9 @@ def _add_precompute(commands: argparse._SubParsersAction) -> None:
         default=[],
         metavar="STAGE.KEY=VALUE",
         help="a stage setting, e.g. roles.intervention_rows=24 or stats.pre_range=[-10,15] (JSON values; "
-        "repeatable; see docs/analyses.md and docs/roles.md)",
+        "repeatable; see docs/analyses.md and docs/roles.md). stats.tokens and families.tokens: counted (default: "
+        "BOS/EOS/pad and newlines left out, the correlations' tokens) or all (every token, as the paper's "
+        "statistics); stats/families/examples.max_tokens: use only the first N of those tokens",
     )
 
 
@@ -132,6 +167,40 @@ def _add_db(commands: argparse._SubParsersAction) -> None:
     db_commands = parser.add_subparsers(dest="db_command", required=True)
     upgrade = db_commands.add_parser("upgrade", help="apply Alembic migrations to an existing atlas file")
     upgrade.add_argument("path", type=Path)
+
+
+def _add_import_paper(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "import-paper",
+        help="add the paper's published universal-neuron tables to an atlas, one complete run per model",
+        description="Imports Gurnee et al. (2024)'s released universal.csv of each model (shipped with this package) "
+        "as a 'published' run: its universal neurons with their correlations, weight statistics and pre-activation "
+        "moments. Runs already in the file are kept; importing a table again does nothing.",
+    )
+    parser.add_argument("--db", type=Path, required=True, help="SQLite file to add the runs to (created or migrated)")
+    parser.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help=f"a published model (repeatable; default: all of {', '.join(PUBLISHED_MODELS)})",
+    )
+
+
+def _add_compare(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "compare",
+        help="compare two runs of the same model: overlap of the universal sets, per layer, statistics",
+        description="MODEL[@RUN]: a model's name, optionally with the run id (default: the newest complete run "
+        "that has it). B is the reference: precision is the share of A's universal neurons that B confirms, "
+        "recall the share of B's that A finds.",
+    )
+    parser.add_argument("--db", type=Path, required=True, help="the atlas file (opened read-only)")
+    parser.add_argument("--a", required=True, metavar="MODEL[@RUN]", help="the run under test")
+    parser.add_argument("--b", required=True, metavar="MODEL[@RUN]", help="the reference, e.g. the published run")
+    parser.add_argument("--top", type=int, default=20, help="largest disagreements to list (default %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
@@ -155,7 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precompute(commands)
     _add_db(commands)
     _add_serve(commands)
+    _add_import_paper(commands)
+    _add_compare(commands)
     return parser
+
+
+def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a command line. A precompute ``--preset`` becomes the defaults of the options it sets, and the line
+    is parsed again, so options given alongside the preset win (its stage settings merge in `precompute_config`)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    preset = PRESETS.get(getattr(args, "preset", None) or "")
+    if preset is not None:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands._name_parser_map["precompute"].set_defaults(**preset.options)
+        args = parser.parse_args(argv)
+    return args
 
 
 def parse_settings(items: Sequence[str]) -> dict[str, dict[str, object]]:
@@ -183,6 +267,7 @@ def precompute_config(args: argparse.Namespace) -> PrecomputeConfig:
         source=args.dataset,
         tokens=args.tokens,
         ctx=args.ctx,
+        max_ctx=args.max_ctx,
         batch_size=args.batch_size,
         text_field=args.text_field,
         hf_split=args.hf_split,
@@ -207,12 +292,14 @@ def precompute_config(args: argparse.Namespace) -> PrecomputeConfig:
         dtype=args.dtype,
         stages=args.stages or DEFAULT_STAGES,
         checkpoint_seconds=args.checkpoint_seconds,
-        analysis=parse_settings(args.settings),
+        analysis=merged_analysis(PRESETS.get(args.preset or ""), parse_settings(args.settings)),
+        preset=args.preset,
     )
 
 
 def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    from precompute.gpt_train import TrainConfig, train_family
+    # lazy: only this command trains; a precompute must not load the trainer (precompute.training)
+    from precompute.training.trainer import TrainConfig, train_family
 
     overrides = {
         "tokens_per_seed": args.tokens,
@@ -237,12 +324,74 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 
 def _precompute(args: argparse.Namespace) -> None:
-    from precompute.pipeline import run_precompute
-
     run_precompute(precompute_config(args))
 
 
+def _import_paper(args: argparse.Namespace) -> None:
+    if not args.db.parent.is_dir():
+        raise FileNotFoundError(f"no folder {args.db.parent} for the atlas file")
+    runs = import_paper(args.db, args.models)
+    logger.info("the paper's tables are runs %s of %s", ", ".join(map(str, runs)), args.db)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    if not args.db.is_file():
+        raise FileNotFoundError(f"no atlas file at {args.db}")
+    if args.top < 0:
+        raise ComparisonError(f"--top must be at least 0, got {args.top}")
+    (name_a, _), (name_b, _) = parse_spec(args.a), parse_spec(args.b)
+    if name_a != name_b:
+        raise ComparisonError(f"A is {name_a} and B is {name_b}: only two runs of the same model can be compared")
+    result = compare_runs(args.db, resolve_spec(args.db, args.a), resolve_spec(args.db, args.b), top_k=args.top)
+    sys.stdout.write(comparison_json(result) if args.json else comparison_text(result))
+
+
+def comparison_json(result: RunComparison) -> str:
+    """The comparison as JSON: every field of `RunComparison`, and each disagreement's difference."""
+    body = dataclasses.asdict(result)
+    for item, disagreement in zip(body["disagreements"], result.disagreements, strict=True):
+        item["difference"] = disagreement.difference
+    return json.dumps(body, indent=2) + "\n"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def comparison_text(result: RunComparison) -> str:
+    """The comparison as a short report for a terminal."""
+    agreement = result.agreement
+    lines = [
+        *(
+            f"{label}: {side.model}@{side.run_id}: {side.n_universal} universal (excess > {side.threshold:g}) "
+            f"of {side.n_neurons} neurons stored"
+            for label, side in (("A", result.a), ("B", result.b))
+        ),
+        f"universal in both: {agreement.n_both}; Jaccard {_ratio(agreement.jaccard)}, "
+        f"precision {_ratio(agreement.precision)} (of A's, B confirms), "
+        f"recall {_ratio(agreement.recall)} (of B's, A finds)",
+        "",
+        f"{'layer':>5} {'A':>7} {'B':>7} {'both':>7}",
+        *(f"{c.layer:>5} {c.universal_a:>7} {c.universal_b:>7} {c.universal_both:>7}" for c in result.layers),
+        "",
+        f"Pearson r over the {result.n_shared_neurons} neurons both runs hold:",
+        *(f"  {c.statistic:<20} {_ratio(c.pearson):>8}  (n = {c.n_shared})" for c in result.correlations if c.n_shared),
+        "",
+        "largest disagreements of the excess correlation (A - B):",
+        *(
+            f"  L{d.layer}N{d.neuron:<6} {d.excess_a:8.4f} {d.excess_b:8.4f} {d.difference:+8.4f}"
+            for d in result.disagreements
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+#: Seconds a ``serve --workers N`` worker may take to answer uvicorn's health check (uvicorn >= 0.37 reads it).
+WORKER_HEALTHCHECK_S = 120
+
+
 def _serve(args: argparse.Namespace) -> None:
+    # lazy: only this command needs the web stack (uvicorn, FastAPI, the templates)
     import uvicorn
 
     from app.main import create_app
@@ -252,15 +401,25 @@ def _serve(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"no atlas file at {args.db}; run `universal-neurons precompute` first")
     if args.workers > 1:  # several processes need an importable factory; it reads UNA_* settings
         os.environ["UNA_DB_PATH"] = str(args.db.resolve())
-        uvicorn.run("app.main:app_from_environment", factory=True, host=args.host, port=args.port, workers=args.workers)
+        # Each worker is a spawned process that first re-imports this command's module, and with it the precompute
+        # (torch): seconds, 10 s on a busy two-core machine. uvicorn kills a worker that does not answer its health
+        # check within 5 s by default, so workers were killed and respawned forever (tests/integration/test_serve.py).
+        uvicorn.run(
+            "app.main:app_from_environment",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
+        )
     else:
-        uvicorn.run(create_app(Settings(db_path=args.db)), host=args.host, port=args.port)
+        settings = Settings(db_path=args.db)  # type: ignore[call-arg]  # the other fields have defaults
+        uvicorn.run(create_app(settings), host=args.host, port=args.port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -270,13 +429,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "precompute":
             _precompute(args)
         elif args.command == "db":
-            from precompute.store import upgrade
-
             if not args.path.is_file():
                 raise FileNotFoundError(f"no atlas file at {args.path}")
             upgrade(args.path)
         elif args.command == "serve":
             _serve(args)
+        elif args.command == "import-paper":
+            _import_paper(args)
+        elif args.command == "compare":
+            _compare(args)
     except USER_ERRORS as exc:
         sys.stderr.write(f"universal-neurons: error: {exc}\n")
         return 2

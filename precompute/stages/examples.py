@@ -26,20 +26,28 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
+from precompute.activations import ActivationBatch
+from precompute.memory import StageMemory, chunk_bytes, chunk_rows
+from precompute.rows import Row, neuron_key
 from precompute.stage_config import ConfigError, stage_config
-from precompute.stats import counted_activations, neuron_key
-from precompute.store import blob
-
-if TYPE_CHECKING:
-    from precompute.activations import ActivationBatch
-    from precompute.pipeline import RunContext
+from precompute.stages.base import (
+    ModelChoice,
+    RunContext,
+    RunInputs,
+    Stage,
+    batch_tokens,
+    chosen_models,
+    selected_batch,
+    selection_bytes,
+)
+from precompute.store import WRITE_CHUNK_BYTES, blob, examples
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +66,8 @@ class ExamplesConfig:
         oversample: how many times the expected need of a bin is looked at (higher: safer, slower).
         seed: seed of the random keys and the random examples.
         models: ``all`` models of the family or only the ``reference``.
+        max_tokens: draw the examples from only the first this many counted tokens (in row order) and stop
+            updating after them (the paper: 10M); None: all of them.
     """
 
     top: int = 20
@@ -68,9 +78,12 @@ class ExamplesConfig:
     random: int = 5
     oversample: float = 20.0
     seed: int = 0
-    models: Literal["all", "reference"] = "all"
+    models: ModelChoice = "all"
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"examples.max_tokens must be at least 1 or null, got {self.max_tokens}")
         for key in ("top", "before", "after", "per_bin", "random"):
             if getattr(self, key) < 0 or (key == "top" and self.top < 1):
                 raise ConfigError(f"examples.{key} must be {'at least 1' if key == 'top' else '>= 0'}")
@@ -133,28 +146,57 @@ def merge_candidates(
     state[f"{prefix}window"] = windows
 
 
-class ExamplesStage:
+class ExamplesStage(Stage):
     """The ``examples`` stage (single pass over ``hook_post``)."""
 
-    config_class = ExamplesConfig
-
     name = "examples"
-    hooks: frozenset = frozenset({"hook_post"})
+    tables = (examples,)
+    config_class = ExamplesConfig
+    hooks = frozenset({"hook_post"})
 
-    def __init__(self, context: RunContext) -> None:
-        self.config = cfg = stage_config(ExamplesConfig, context.config.analysis.get("examples"), "examples")
-        self.device = torch.device(context.config.device)
-        models = context.models if cfg.models == "all" else context.models[:1]
-        self.shapes = {m.name: m.n_neurons for m in models}
+    def __init__(self, inputs: RunInputs) -> None:
+        super().__init__(inputs)
+        self.config = cfg = stage_config(ExamplesConfig, inputs.config.analysis.get(self.name), self.name)
+        self.device = torch.device(inputs.config.device)
+        self.shapes = {m.name: m.n_neurons for m in chosen_models(inputs.models, cfg.models)}
         self.offsets = torch.arange(-cfg.before, cfg.after + 1, device=self.device)
-        dataset = context.dataset
+        dataset = inputs.dataset
+        self.selection = dataset.selection("counted", cfg.max_tokens)
         levels = np.array([0.0, *cfg.quantiles, 1.0])
         # a bin of share f holds f * n_counted tokens: look at enough of them for oversample * per_bin samples
-        needed = cfg.oversample * max(cfg.per_bin, 1) / (np.diff(levels) * max(dataset.tokens_counted, 1))
+        needed = cfg.oversample * max(cfg.per_bin, 1) / (np.diff(levels) * max(self.selection.n_tokens, 1))
         self.rates = torch.tensor(np.minimum(1.0, needed), dtype=torch.float32, device=self.device)
-        flat_counted = np.flatnonzero(dataset.counted.reshape(-1))
+        flat_counted = self.selection.flat_indices()
         self.state = {name: self._empty(n, flat_counted, dataset.ctx) for name, n in self.shapes.items()}
-        self._done = False
+
+    @classmethod
+    def memory_bytes(cls, inputs: RunInputs) -> StageMemory:
+        """The kept examples (fixed per neuron), and per batch: chunks of activations over blocks of neurons, one
+        bin's candidates and the copy of the top examples' windows a merge makes."""
+        cfg = stage_config(ExamplesConfig, inputs.config.analysis.get(cls.name), cls.name)
+        width, n_bins = cfg.before + cfg.after + 1, len(cfg.quantiles) + 1
+        # Per neuron and kept example: its row and position (int64) and its float16 window; the top examples'
+        # activations, and each bin's keys and activations, are float32. Then the bin edges and counters.
+        kept = cfg.top + n_bins * cfg.per_bin + cfg.random
+        per_neuron = kept * (8 + 8 + 2 * width) + 4 * (cfg.top + 2 * n_bins * cfg.per_bin + cfg.random)
+        per_neuron += 4 * len(cfg.quantiles) + 8 * n_bins
+        models = chosen_models(inputs.models, cfg.models)
+        largest, tokens = max(m.n_neurons for m in models), batch_tokens(inputs)
+        k = max(cfg.top, cfg.per_bin)
+        # merging candidates: both lists of every field (value, key, row, position: 8 bytes), the window copy
+        merge = 2 * k * largest * 8 * 5 + k * width * largest * 2
+        # a block of neurons of the batch: masked (top examples), sorted with its order (the pilot), or the looked-at
+        # tokens with a bin's mask and scores
+        blocks = max(chunk_bytes(largest, tokens, 4), chunk_bytes(largest, tokens, 16))
+        candidates = n_bins * cfg.per_bin * largest * (4 + 4 + 8)
+        return StageMemory(
+            state=sum(m.n_neurons * per_neuron + 8 * n_bins for m in models),
+            update=blocks
+            + candidates
+            + merge
+            + selection_bytes(inputs, inputs.dataset.selection("counted", cfg.max_tokens), False),
+            write=WRITE_CHUNK_BYTES,
+        )
 
     def _empty(self, n: int, flat_counted: np.ndarray, ctx: int) -> dict[str, Any]:
         cfg, device, width = self.config, self.device, len(self.offsets)
@@ -180,69 +222,104 @@ class ExamplesStage:
             state[f"{prefix}window"] = torch.zeros(k, width, n, dtype=torch.float16, device=device)
         return state
 
-    @property
-    def done_streaming(self) -> bool:
-        return self._done
-
     def update(self, batch: ActivationBatch) -> None:
+        batch = selected_batch(batch, self.selection)  # the first max_tokens counted tokens (all by default)
         counted = batch.counted
-        batch_rows, batch_pos = counted.nonzero(as_tuple=True)  # [tokens]
-        if batch_rows.numel() == 0:
+        if batch.n_counted == 0:
             return
+        batch_rows = batch.counted_index // counted.shape[1]  # [tokens]
+        batch_pos = batch.counted_positions
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + batch.row_start)
-        keys = torch.rand(batch_rows.numel(), generator=generator).to(self.device)  # one key per counted token
+        keys = torch.rand(batch.n_counted, generator=generator).to(self.device)  # one key per counted token
         order = torch.argsort(keys)
         for name, state in self.state.items():
             acts = batch.hook_post[name].reshape(*counted.shape, self.shapes[name])  # [batch, pos, n_neurons]
             self._update_top(state, acts, counted, batch.row_start)
-            x = counted_activations(batch, name, "hook_post").x  # [tokens, n_neurons]
-            self._update_bins(state, acts, x, keys, order, batch_rows, batch_pos, batch.row_start)
+            self._update_bins(state, batch, name, acts, keys, order, batch_rows, batch_pos, batch.row_start)
             self._update_random(state, acts, batch.row_start)
 
     def _update_top(self, state: dict, acts: torch.Tensor, counted: torch.Tensor, row_start: int) -> None:
         n_rows, n = acts.shape[0], acts.shape[2]
-        row_max, row_arg = torch.where(counted.unsqueeze(-1), acts, -torch.inf).max(dim=1)  # [batch, n]
+        row_max = torch.empty(n_rows, n, dtype=acts.dtype, device=acts.device)
+        row_arg = torch.empty(n_rows, n, dtype=torch.int64, device=acts.device)
+        step = chunk_rows(acts.shape[0] * acts.shape[1], 4)  # neurons per block of the masked copy
+        for start in range(0, n, step):
+            cols = slice(start, start + step)
+            masked = torch.where(counted.unsqueeze(-1), acts[:, :, cols], -torch.inf)  # [batch, pos, block]
+            row_max[:, cols], row_arg[:, cols] = masked.max(dim=1)
         rows = torch.arange(n_rows, device=acts.device).unsqueeze(1).expand(n_rows, n)
         new = {"value": row_max, "row": rows + row_start, "pos": row_arg, "batch_row": rows}
         merge_candidates(state, "top_", "value", new, True, acts, self.offsets)
 
+    def _pilot_edges(self, batch: ActivationBatch, name: str, n: int) -> torch.Tensor:
+        """The bin edges: quantiles of the first batch, per neuron [n, n_quantiles] (sorted in blocks of neurons)."""
+        ranks = (torch.tensor(self.config.quantiles) * (batch.n_counted - 1)).round().long().to(self.device)
+        edges = torch.empty(n, len(self.config.quantiles), device=self.device)
+        step = chunk_rows(batch.n_counted, 16)  # the block, its transposed copy, the sorted values and order
+        for start in range(0, n, step):
+            cols = slice(start, start + step)
+            ordered = batch.counted_rows(name, "hook_post", slice(None), cols).T.contiguous().sort(dim=1).values
+            edges[cols] = ordered[:, ranks]
+        return edges
+
     def _update_bins(
         self,
         state: dict,
+        batch: ActivationBatch,
+        name: str,
         acts: torch.Tensor,
-        x: torch.Tensor,
         keys: torch.Tensor,
         order: torch.Tensor,
         batch_rows: torch.Tensor,
         batch_pos: torch.Tensor,
         row_start: int,
     ) -> None:
+        n = acts.shape[2]
         if state["edges"] is None:  # the pilot: quantiles of the first batch
-            ranks = torch.tensor(self.config.quantiles, device=x.device) * (x.shape[0] - 1)
-            ordered = x.T.contiguous().sort(dim=1).values  # sorting rows is faster than sorting columns
-            state["edges"] = ordered[:, ranks.round().long()].contiguous()  # [n, n_quantiles]
+            state["edges"] = self._pilot_edges(batch, name, n)
         edges, sorted_keys = state["edges"], keys[order]
         looked = torch.searchsorted(sorted_keys, self.rates).tolist()  # tokens looked at, per bin
         if max(looked) == 0 or self.config.per_bin == 0:
             return
         head = order[: max(looked)]
-        values = x[head]  # [looked, n]: a uniformly random subset of the batch's tokens, in key order
+        candidates = []
+        for count in looked:
+            k = min(self.config.per_bin, count)
+            candidates.append(
+                {
+                    "key": torch.empty(k, n, device=self.device),
+                    "value": torch.empty(k, n, device=self.device),
+                    "token": torch.empty(k, n, dtype=torch.int64, device=self.device),
+                }
+            )
+        # a uniformly random subset of the batch's tokens, in key order, one block of neurons at a time
+        step = chunk_rows(len(head), 16)  # the block and, per bin, its mask and scores
+        for start in range(0, n, step):
+            cols = slice(start, start + step)
+            values = batch.counted_rows(name, "hook_post", head, cols)  # [looked, block]
+            for b, count in enumerate(looked):
+                if count == 0:
+                    continue
+                part = values[:count]
+                inside = part >= edges[cols, b - 1] if b > 0 else torch.ones_like(part, dtype=torch.bool)
+                if b < edges.shape[1]:
+                    inside &= part < edges[cols, b]
+                state["bin_seen"][b, cols] += inside.sum(0)
+                score = torch.where(inside, sorted_keys[:count].unsqueeze(1), torch.inf)
+                best_keys, best = torch.topk(score, candidates[b]["key"].shape[0], dim=0, largest=False)
+                candidates[b]["key"][:, cols] = best_keys
+                candidates[b]["value"][:, cols] = part.gather(0, best)
+                candidates[b]["token"][:, cols] = head[best]  # index among the batch's counted tokens
         for b, count in enumerate(looked):
             if count == 0:
                 continue
-            part = values[:count]
-            inside = part >= edges[:, b - 1] if b > 0 else torch.ones_like(part, dtype=torch.bool)
-            if b < edges.shape[1]:
-                inside &= part < edges[:, b]
-            state["bin_seen"][b] += inside.sum(0)
             state["bin_looked"][b] += count
-            score = torch.where(inside, sorted_keys[:count].unsqueeze(1), torch.inf)
-            best_keys, best = torch.topk(score, min(self.config.per_bin, count), dim=0, largest=False)  # [k, n]
-            token = head[best]  # index among the batch's counted tokens
+            found = candidates[b]
+            token = found["token"]
             new = {
-                "key": best_keys,
-                "value": x.gather(0, token),
-                "row": torch.where(best_keys.isfinite(), batch_rows[token] + row_start, -1),
+                "key": found["key"],
+                "value": found["value"],
+                "row": torch.where(found["key"].isfinite(), batch_rows[token] + row_start, -1),
                 "pos": batch_pos[token],
                 "batch_row": batch_rows[token],
             }
@@ -259,13 +336,10 @@ class ExamplesStage:
         windows = gather_windows(acts, rows, pos, neuron, self.offsets)  # [chosen, window]
         state["random_window"][which, :, neuron] = windows.to(torch.float16)
 
-    def finish_pass(self) -> None:
-        self._done = True
-
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"models": self.state, "done": self._done}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.state = {
             name: {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
             for name, saved in state["models"].items()
@@ -275,16 +349,13 @@ class ExamplesStage:
     # --- results ------------------------------------------------------------------------------------------
 
     def write(self, context: RunContext) -> None:
-        from precompute import store as tables
-
-        context.store.clear_model_tables(context.model_ids.values(), tables.STAGE_TABLES[self.name])
         for model in context.models:
             if model.name in self.state:
                 rows = self.example_rows(model.name, context.model_ids[model.name], model.d_mlp, context.dataset.rows)
-                written = context.store.insert_rows(tables.examples, rows)
+                written = context.store.insert_rows(examples, rows)
                 logger.info("examples: %d rows for %s", written, model.name)
 
-    def example_rows(self, name: str, model_id: int, d_mlp: int, dataset_rows: np.ndarray) -> Iterator[dict]:
+    def example_rows(self, name: str, model_id: int, d_mlp: int, dataset_rows: np.ndarray) -> Iterator[Row]:
         """Every stored example of one model, as ``examples`` rows."""
         state = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in self.state[name].items()}
         n_bins = len(self.config.quantiles) + 1
@@ -310,7 +381,7 @@ class ExamplesStage:
 
     def _snippet(
         self, dataset_rows: np.ndarray, state: dict, prefix: str, rank: int, flat: int, kind: str, **extra: Any
-    ) -> dict[str, Any]:
+    ) -> Row:
         """One example's row (without the neuron key); ``extra`` fills the bin columns of quantile samples."""
         row, pos = int(state[f"{prefix}row"][rank, flat]), int(state[f"{prefix}pos"][rank, flat])
         ctx = dataset_rows.shape[1]

@@ -2,8 +2,8 @@
 
 The paper compares GPT-2s trained from different random seeds on one data order (Gurnee et al. 2024, §3).
 This module makes such a family on any machine, offline: a byte-level BPE tokenizer and the training rows come
-from the standard library's train split (:mod:`precompute.corpus`), every seed reads the same rows in the same
-order, and each model is a plain Hugging Face GPT-2 folder that ``GPT2LMHeadModel.from_pretrained`` and
+from the standard library's train split (:mod:`precompute.training.corpus`), every seed reads the same rows in the
+same order, and each model is a plain Hugging Face GPT-2 folder that ``GPT2LMHeadModel.from_pretrained`` and
 TransformerLens' ``TransformerBridge.boot_transformers`` load. In the spirit of nanoGPT's ``train.py``.
 
 Layout of ``out_dir``::
@@ -16,6 +16,7 @@ Layout of ``out_dir``::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -37,7 +38,8 @@ import transformers
 from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from precompute import corpus
+from precompute.training.corpus import PackedCorpus, packed_corpus
+from precompute.training.tokenizer import MIN_VOCAB_SIZE, save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ class TrainConfig:
             *[(getattr(self, name) >= 1, f"{name} must be at least 1") for name in _POSITIVE_FIELDS],
             (self.d_model % self.n_heads == 0, f"d_model {self.d_model} must be a multiple of n_heads"),
             (self.ctx >= 2, f"ctx must be at least 2 (BOS plus one token), got {self.ctx}"),
-            (self.vocab_size >= corpus.MIN_VOCAB_SIZE, f"vocab_size must be >= {corpus.MIN_VOCAB_SIZE}"),
+            (self.vocab_size >= MIN_VOCAB_SIZE, f"vocab_size must be >= {MIN_VOCAB_SIZE}"),
             (self.tokens_per_seed >= self.tokens_per_step, "tokens_per_seed must cover one step"),
             (self.eval_tokens >= self.ctx, f"eval_tokens must cover one row of ctx={self.ctx}"),
             (self.lr > 0 and self.grad_clip > 0, "lr and grad_clip must be positive"),
@@ -145,7 +147,7 @@ class StepInfo:
 OnStep = Callable[[StepInfo], None]
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -200,7 +202,7 @@ def build_model(config: TrainConfig, seed: int) -> GPT2LMHeadModel:
         tie_word_embeddings=True,
     )
     model = GPT2LMHeadModel(hf_config)
-    return model.to(config.device)
+    return model.to(config.device)  # type: ignore[arg-type]  # transformers wraps `to` with functools.wraps
 
 
 def _loss(model: GPT2LMHeadModel, rows: torch.Tensor, config: TrainConfig) -> torch.Tensor:
@@ -245,9 +247,7 @@ def _versions() -> dict[str, str]:
     return {"python": platform.python_version()} | {m.__name__: m.__version__ for m in modules}
 
 
-def train_seed(
-    config: TrainConfig, seed: int, data: corpus.PackedCorpus, command: str, on_step: OnStep | None = None
-) -> Path:
+def train_seed(config: TrainConfig, seed: int, data: PackedCorpus, command: str, on_step: OnStep | None = None) -> Path:
     """Train (or resume, or skip if finished) the model of one seed; returns its folder."""
     folder = config.out_dir / f"seed-{seed}"
     manifest_path, checkpoint_path = folder / "manifest.json", folder / "checkpoint.pt"
@@ -304,12 +304,12 @@ def train_seed(
                     "state": state,
                     "config": json.dumps(config.to_json()),
                 }
-                _atomic_write(checkpoint_path, lambda tmp, c=checkpoint: torch.save(c, tmp))
+                _atomic_write(checkpoint_path, functools.partial(torch.save, checkpoint))
             if on_step is not None:
                 on_step(StepInfo(seed, state["step"], n_steps, state["losses"][-1], lr))
     validation_loss = evaluate(model, _eval_rows(data, config), config)
     _save_model(model, folder, config.save_dtype)
-    corpus.save_tokenizer(data.tokenizer, folder)
+    save_tokenizer(data.tokenizer, folder)
     wall = state["wall_seconds"] + time.perf_counter() - started
     losses, window = state["losses"], config.checkpoint_every_steps
     manifest = {
@@ -340,7 +340,7 @@ def train_seed(
     return folder
 
 
-def _eval_rows(data: corpus.PackedCorpus, config: TrainConfig) -> np.ndarray:
+def _eval_rows(data: PackedCorpus, config: TrainConfig) -> np.ndarray:
     return data.validation_rows[: max(1, config.eval_tokens // config.ctx)]
 
 
@@ -372,7 +372,7 @@ def train_family(config: TrainConfig, command: str | None = None, on_step: OnSte
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        data = corpus.packed_corpus(
+        data = packed_corpus(
             config.out_dir / "data", config.vocab_size, config.ctx, config.data_seed, config.max_documents
         )
         family_path = config.out_dir / "family.json"

@@ -1,0 +1,184 @@
+"""A precompute stage: the one small base class every stage extends, and the typed inputs and context it gets.
+
+A stage declares what the pipeline needs to plan and run it:
+
+- `Stage.name`: how the run's ``--stages`` list and its ``analysis`` settings name it;
+- `Stage.tables`: the tables it owns. The pipeline deletes their rows for the run's models before `Stage.write`,
+  so re-running a stage (a resumed run) is idempotent;
+- `Stage.config_class`: its small frozen settings dataclass, built from ``analysis[name]`` (None: no settings);
+- `Stage.hooks`: the MLP hooks it reads from the shared forward passes (none: it does its own work in `write`);
+- `Stage.memory_bytes`: what it will hold at each moment (`precompute.memory.StageMemory`: its state, and the
+  temporaries of a batch, of closing a pass and of writing), from the models' shapes, the dataset and its
+  settings, before anything is allocated, for the run's `precompute.memory.Split`;
+- `Stage.splittable`: its state can be cut into blocks streamed in several passes over the rows (the memory plan
+  asks for as many passes as the budget needs).
+
+A stage is built from the `RunInputs` (all known before the store opens), folds every batch of a pass into its
+running state (`update`), closes each pass (`finish_pass`) until `done_streaming`, checkpoints that state
+(`state_dict`/`load_state_dict`) and finally writes its tables with the `RunContext`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol
+
+from sqlalchemy import Table
+
+from precompute.activations import ActivationBatch, HookKind
+from precompute.correlation import CorrelationConfig
+from precompute.data import TokenDataset, TokenSelection
+from precompute.memory import Split, StageMemory
+from precompute.models import LoadedModel
+from precompute.store import AtlasStore
+
+#: Which models of the family a stage analyses: all of them or only the reference (the first).
+ModelChoice = Literal["all", "reference"]
+
+
+class RunSettings(Protocol):
+    """The run's settings that stages read (`precompute.pipeline.PrecomputeConfig` has them)."""
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def threshold(self) -> float: ...
+
+    @property
+    def correlation(self) -> CorrelationConfig: ...
+
+    @property
+    def analysis(self) -> Mapping[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What a stage is built and planned from, all known before the store opens: the run's settings, models,
+    dataset, and how the memory plan splits the work."""
+
+    config: RunSettings
+    models: Sequence[LoadedModel]
+    dataset: TokenDataset
+    split: Split = field(default_factory=Split, kw_only=True)
+
+
+@dataclass(frozen=True)
+class RunContext(RunInputs):
+    """What a stage writes its tables with: its inputs, the store and the run's ids."""
+
+    store: AtlasStore
+    run_id: int
+    model_ids: Mapping[str, int]  # model name -> id in the ``models`` table
+
+
+def vocab_size(inputs: RunInputs) -> int:
+    """The token ids the models or the dataset can hold: the largest model vocabulary or dataset id, plus one."""
+    return max(max(m.d_vocab for m in inputs.models), inputs.dataset.max_token_id + 1)
+
+
+def batch_tokens(inputs: RunInputs) -> int:
+    """Tokens in one batch of the run (the split's rows per batch, or the dataset's batch size)."""
+    dataset = inputs.dataset
+    return min(split_of(inputs).batch_rows or dataset.config.batch_size, dataset.n_rows) * dataset.ctx
+
+
+def split_of(inputs: RunInputs) -> Split:
+    """The run's split (inputs built by hand, in tests and benchmarks, have none: one pass, the dataset's batches)."""
+    return getattr(inputs, "split", None) or Split()
+
+
+def neuron_blocks(n_neurons: int, passes: int) -> list[slice]:
+    """The neurons a splittable stage handles in each of its ``passes`` passes (the last ones may be empty).
+
+    >>> neuron_blocks(10, 3)
+    [slice(0, 4, None), slice(4, 8, None), slice(8, 10, None)]
+    >>> neuron_blocks(2, 3)
+    [slice(0, 1, None), slice(1, 2, None), slice(2, 2, None)]
+    """
+    step = -(-n_neurons // max(1, passes))
+    return [slice(min(i * step, n_neurons), min((i + 1) * step, n_neurons)) for i in range(max(1, passes))]
+
+
+def selected_batch(batch: ActivationBatch, selection: TokenSelection) -> ActivationBatch:
+    """The batch as a stage reading ``selection`` sees it: the batch itself when the selection is the counted
+    tokens (the default), else a view of the same activations over the selection's positions, shared by every
+    stage that reads the same selection."""
+    if selection.is_counted:
+        return batch
+    rows = slice(batch.row_start, batch.row_start + batch.tokens.shape[0])
+    return batch.selecting(selection.key, selection.mask(rows))
+
+
+def selection_bytes(inputs: RunInputs, selection: TokenSelection, firing: bool) -> int:
+    """What a batch's view for ``selection`` adds while a batch is read: its mask, positions and indices, and per
+    model the float64 power sums of both hooks (and the firing counts per position); 0 for the counted tokens."""
+    if selection.is_counted:
+        return 0
+    ctx = inputs.dataset.ctx
+    per_model = sum(2 * 4 * m.n_neurons * 8 + (ctx * m.n_neurons * 8 if firing else 0) for m in inputs.models)
+    return batch_tokens(inputs) * (1 + 8 + 8) + per_model
+
+
+def chosen_models(models: Sequence[LoadedModel], choice: ModelChoice) -> Sequence[LoadedModel]:
+    """The models a stage analyses: every model, or only the reference."""
+    return models if choice == "all" else models[:1]
+
+
+class Stage(abc.ABC):
+    """A unit of precompute work: streams batches (when it has `hooks`) and writes the `tables` it owns."""
+
+    name: ClassVar[str]
+    tables: ClassVar[tuple[Table, ...]]
+    config_class: ClassVar[type | None] = None
+    hooks: ClassVar[frozenset[HookKind]] = frozenset()
+    splittable: ClassVar[bool] = False
+
+    def __init__(self, inputs: RunInputs) -> None:
+        self._done = not self.hooks  # a stage that reads no batches has nothing to stream
+
+    @classmethod
+    @abc.abstractmethod
+    def memory_bytes(cls, inputs: RunInputs) -> StageMemory:
+        """What the stage will hold at each moment for these inputs and split, from the shapes and its settings."""
+
+    @property
+    def done_streaming(self) -> bool:
+        """True once the stage needs no more passes over the rows."""
+        return self._done
+
+    def update(self, batch: ActivationBatch) -> None:  # noqa: B027 - a stage without hooks reads no batch
+        """Fold one batch into the running state."""
+
+    def finish_pass(self) -> None:
+        """Close a pass over the rows; one pass is all a stage needs unless it overrides this."""
+        self._done = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running state, for the checkpoint (tensors may stay on the device)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - stateless by default
+        """Restore the running state from `state_dict` output."""
+
+    @abc.abstractmethod
+    def write(self, context: RunContext) -> None:
+        """Write the stage's tables (the pipeline has deleted their earlier rows for the run's models)."""
+
+
+__all__ = [
+    "ModelChoice",
+    "RunContext",
+    "RunInputs",
+    "RunSettings",
+    "Stage",
+    "batch_tokens",
+    "chosen_models",
+    "neuron_blocks",
+    "selected_batch",
+    "selection_bytes",
+    "split_of",
+    "vocab_size",
+]
