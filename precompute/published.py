@@ -55,6 +55,7 @@ from precompute.store import (
     weight_stats,
 )
 from precompute.universality import NeuronScores, distribution_rows, layer_summary_rows
+from precompute.weights import WEIGHT_STAT_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -91,18 +92,9 @@ PAPER_PROCESSING: Mapping[str, bool] = {"fold_ln": True, "center_writing_weights
 
 #: Columns of universal.csv that go to `neurons` under the same names.
 NEURON_COLUMNS = ("max_corr", "mean_corr", "min_corr", "max_baseline", "mean_baseline", "min_baseline", "excess_corr")
-#: Columns of universal.csv that go to `weight_stats` under the same names.
-WEIGHT_COLUMNS = (
-    "w_in_norm",
-    "w_out_norm",
-    "input_bias",
-    "in_out_sim",
-    "l2_penalty",
-    "vocab_mean",
-    "vocab_var",
-    "vocab_skew",
-    "vocab_kurt",
-)
+#: Columns of universal.csv that go to `weight_stats` under the same names: every weight statistic but the
+#: null-space fraction, which the paper's tables do not have.
+WEIGHT_COLUMNS = tuple(column for column in WEIGHT_STAT_COLUMNS if column != "null_space_fraction")
 #: universal.csv column → `activation_stats` column. The table's moments are of the pre-activation (§3.1).
 ACTIVATION_COLUMNS: Mapping[str, str] = {
     "mean": "pre_mean",
