@@ -83,7 +83,7 @@ def watch(
             list(command), stdout=out, stderr=err, env=dict(env) if env else None, cwd=cwd, start_new_session=True
         )
         peak, killed = 0, False
-        samples = trace.open("w") if trace else None
+        samples = trace.open("w", buffering=1) if trace else None  # line by line: readable while it runs
         while process.poll() is None:
             rss = tree_rss(process.pid)
             peak = max(peak, rss)

@@ -38,6 +38,7 @@ import torch
 from memory_watchdog import watch  # a sibling script: bench/ is on sys.path when this runs
 
 from precompute.correlation import model_pairs
+from precompute.data import DatasetConfig, TokenDataset
 from precompute.memory import DEFAULT_SHARE, GIB, MemoryBudgetError, available_bytes
 from precompute.pipeline import PrecomputeConfig, fit_plan, memory_pricer
 
@@ -64,7 +65,11 @@ def machine() -> str:
 
 
 def build_family(folder: Path, shape: str, n_models: int) -> list[Path]:
-    """Random-init GPT-2 models of a shape with a 50,257-token BPE of the standard library (made once)."""
+    """Random-init GPT-2 models of a shape with a 50,257-token BPE of the standard library (made once; a folder of
+    ``seed-*`` models from ``../shared/tools/paper_shape_family.py`` is GPT-2-small's and is used as it is)."""
+    made = sorted(folder.glob("seed-*"))
+    if shape == "small" and len(made) >= n_models:
+        return made[:n_models]
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from precompute.stdlib_corpus import stdlib_documents
@@ -170,18 +175,13 @@ def paper_plan(shape: str, n_models: int, tokens: int, reference_only: bool, bud
         SimpleNamespace(name=f"m{i}", n_neurons=n_neurons, d_vocab=VOCAB, tokenizer=range(VOCAB), **dims)
         for i in range(n_models)
     ]
-    n_rows = -(-tokens // CTX)
-    rows = np.broadcast_to(np.int64(0), (n_rows, CTX))  # no memory: the planner reads shapes and counts
-    counts = np.full(VOCAB, tokens // VOCAB, dtype=np.int64)
-    dataset = SimpleNamespace(
-        rows=rows,
-        n_rows=n_rows,
-        ctx=CTX,
-        config=SimpleNamespace(batch_size=16),
-        token_counts=counts,
-        previous_token_counts=counts,
-        max_token_id=VOCAB - 1,
-    )
+    # A stand-in dataset of at most 1M tokens in which every vocabulary token occurs (as in 100M tokens of text):
+    # the plan depends on the tokens seen, the row length and the batch, not on the token count itself, except for
+    # the families' syntax label of every dataset token (4 bytes a token: 0.4 GB more at 100M tokens).
+    n_rows = -(-min(tokens, 1_000_000) // CTX)
+    rows = np.resize(np.arange(VOCAB, dtype=np.int64), (n_rows, CTX))
+    rows[:, 0] = 0
+    dataset = TokenDataset(rows, rows != 0, DatasetConfig(tokens=rows.size, ctx=CTX), CTX, {})
     from precompute.correlation import CorrelationConfig
 
     config = PrecomputeConfig(
@@ -193,7 +193,7 @@ def paper_plan(shape: str, n_models: int, tokens: int, reference_only: bool, bud
     budget = budget if budget is not None else held + int(DEFAULT_SHARE * available_bytes("cpu"))
     price = memory_pricer(config, models, dataset, budget, held)  # type: ignore[arg-type]
     try:
-        plan = fit_plan(price, config, models)  # type: ignore[arg-type]
+        plan = fit_plan(price, config, models, max_passes=4096)  # type: ignore[arg-type]
     except MemoryBudgetError as exc:
         return {"fits": False, "budget_gib": round(budget / GIB, 2), "error": str(exc)}
     passes = max(plan.split.passes.values(), default=1)

@@ -11,7 +11,9 @@ and model pair, and one GEMM per layer for the Gram matrices, is all the per-tok
 Numerics (paper-spec §7.3 pitfalls 1-2): every model's activations are shifted by a pilot mean (the first
 batch's) before anything is summed, so the raw-moment formula does not cancel catastrophically; per-batch
 products are computed in the chosen precision (float32 on the CPU, bf16 or TF32 operands with fp32 results on a
-GPU) and summed into float64 (CPU) or float32 (GPU) accumulators.
+GPU) and summed into float64 (CPU) or float32 (GPU) accumulators. The rotated baseline's own products (d³ per
+layer and [d_a, d_b] tile, from the float64 covariances) use float32 too unless ``--precision float64``: in
+float64 they were the larger part of a GPT2-small run's time on the CPU.
 
 Memory (issue 11) is bounded by splitting each pair into blocks of whole layers of model a; blocks that do not
 fit together run in further passes over the same rows (`CorrelationPlan.memory` says what each moment holds).
@@ -354,20 +356,22 @@ class CorrelationPlan:
             blocks = [(b.layer_stop - b.layer_start) * self.shapes[b.a].d_mlp for p in self.passes for b in p]
             widest = max((s.n_neurons for s in self.shapes), default=0)
             update += chunk_bytes(max(blocks, default=0), widest, 4)
-        square = max((s.d_mlp * s.d_mlp * 8 for s in self.shapes), default=0)
-        spreads = 4 * square  # first pass: one rotation, the centred Gram matrix and two products of them
+        square = max((s.d_mlp * s.d_mlp * 8 for s in self.shapes), default=0)  # float64
+        item = 8 if self.precision == "float64" else 4  # the baseline's products (see `CorrelationEngine`)
+        spreads = square + 3 * square * item // 8  # a rotation drawn in float64, the Gram matrix, two products
         if self.keep_rotations:
-            rotations = sum(s.n_layers * s.d_mlp * s.d_mlp * 8 for s in self.shapes)
-        else:
+            rotations = sum(s.n_layers * s.d_mlp * s.d_mlp * item for s in self.shapes)
+        else:  # a block's layers of a or of b (fewer), one more, and the float64 draw
             rotations = max(
                 (
-                    min(b.layer_stop - b.layer_start, self.shapes[b.b].n_layers) * square + square
+                    (min(b.layer_stop - b.layer_start, self.shapes[b.b].n_layers) + 1) * square * item // 8
                     for p in self.passes
                     for b in p
                 ),
                 default=0,
             )
-        tiles = 3 * square
+            rotations += square
+        tiles = 3 * square + 2 * square * item // 8  # covariance, its copy, products, their float64 and division
         # closing pass p: its Gram matrices become spreads (one rotation at a time), then are freed for the tiles
         closing = max(
             (a + max(g + spreads, rotations + tiles) for a, g in zip(accumulators, grams, strict=True)), default=0
@@ -435,6 +439,9 @@ class CorrelationEngine:
             self.results[(b, a)] = PartnerResult.empty(shapes[b].n_neurons, config.top_k)
         self.rotated_std: dict[tuple[int, int], torch.Tensor] = {}  # (model, layer) -> spread of each rotated unit
         self.gram_passes = plan.gram_passes()
+        # The rotated baseline's products (d³ per layer and tile) in the precision of the batch products: float32
+        # unless --precision float64 (in float64 they were most of a GPT2-small run's time on the CPU).
+        self.baseline_dtype = torch.float64 if self.precision == "float64" else torch.float32
         self._pass_rows = 0  # tokens folded into this pass's accumulators
         self._rotations: dict[tuple[int, int], torch.Tensor] = {}  # kept only when the plan keeps them
         if self.precision == "tf32":
@@ -559,13 +566,14 @@ class CorrelationEngine:
         return ~self._std(index)[1].cpu()
 
     def _rotation(self, index: int, layer: int) -> torch.Tensor:
-        """The layer's rotation, drawn from its seed (and kept when the plan keeps rotations)."""
+        """The layer's rotation, drawn from its seed in float64 and used in the baseline's precision (kept when the
+        plan keeps rotations)."""
         key = (index, layer)
         if key in self._rotations:
             return self._rotations[key]
         shape = self.shapes[index]
         seed = layer_rotation_seed(self.config.baseline_seed, shape.name, layer)
-        rotation = rotation_matrix(shape.d_mlp, self.config.baseline, seed).to(self.device)
+        rotation = rotation_matrix(shape.d_mlp, self.config.baseline, seed).to(self.device, self.baseline_dtype)
         if self.plan.keep_rotations:
             self._rotations[key] = rotation
         return rotation
@@ -579,11 +587,12 @@ class CorrelationEngine:
             for layer in sorted(moments.gram):
                 rows = slice(layer * shape.d_mlp, (layer + 1) * shape.d_mlp)
                 sums = moments.total[rows]
-                gram = moments.gram[layer].double() - torch.outer(sums, sums) / moments.count
+                gram = (moments.gram[layer].double() - torch.outer(sums, sums) / moments.count).to(self.baseline_dtype)
                 rotation = self._rotation(index, layer)
-                self.rotated_std[(index, layer)] = ((rotation @ gram) * rotation).sum(dim=1).clamp_min(0).sqrt()
+                spread = ((rotation @ gram) * rotation).sum(dim=1, dtype=torch.float64)
+                self.rotated_std[(index, layer)] = spread.clamp_min(0).sqrt()
                 moments.squares[rows] = moments.gram.pop(layer).diagonal().double()
-                del gram, rotation
+                del gram, rotation, spread
 
     def finish_pass(self) -> None:
         """Turn the current pass's accumulators into results, free them, and start the next pass."""
@@ -648,16 +657,17 @@ class CorrelationEngine:
         std_b, live_b = (t[cols] for t in self._std(b))
 
         # a -> rotated b: the best rotated unit of this layer of b.
-        rotated = covariance @ rotation_b.T  # [d_a, d_b]
+        operand = covariance.to(self.baseline_dtype)
+        rotated = (operand @ rotation_b.T).double()  # [d_a, d_b]
         rotated = rotated.div_(torch.outer(std_a, self.rotated_std[(b, layer_b)])).clamp_(-1, 1)
         best, unit = rotated.masked_fill_(~live_a.unsqueeze(1), -torch.inf).max(dim=1)
         self.results[(a, b)].merge_baseline(rows, best.cpu(), (unit + layer_b * d_b).cpu())
         # b -> rotated a: this layer's rotated units.
-        rotated = covariance.T @ rotation_a.T  # [d_b, d_a]
+        rotated = (operand.T @ rotation_a.T).double()  # [d_b, d_a]
         rotated = rotated.div_(torch.outer(std_b, self.rotated_std[(a, layer)])).clamp_(-1, 1)
         best, unit = rotated.masked_fill_(~live_b.unsqueeze(1), -torch.inf).max(dim=1)
         self.results[(b, a)].merge_baseline(cols, best.cpu(), (unit + layer * d_a).cpu())
-        del rotated
+        del rotated, operand
 
         corr = covariance.div_(torch.outer(std_a, std_b)).clamp_(-1, 1)
         corr.masked_fill_(~live_a.unsqueeze(1), -torch.inf).masked_fill_(~live_b.unsqueeze(0), -torch.inf)

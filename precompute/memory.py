@@ -36,8 +36,10 @@ GIB = 2**30
 CHUNK_BYTES = 64 * 2**20
 
 #: Without --memory-budget-gb a run may plan this share of the memory available when it starts (host
-#: MemAvailable on the CPU, free device memory on CUDA), plus the models it has already loaded.
-DEFAULT_SHARE = 0.7
+#: MemAvailable on the CPU, free device memory on CUDA), plus the models it has already loaded. A third: machines
+#: like the project's (23 GB, several people at once) change under a run, and what is free now is not free for
+#: the next hour; a dedicated machine can say --memory-budget-gb.
+DEFAULT_SHARE = 0.3
 
 
 class MemoryBudgetError(ConfigError):
@@ -217,9 +219,9 @@ def fit_split(
     smallest = price(uniform(max_passes, 1))
     if not smallest.fits:
         raise MemoryBudgetError(
-            f"the run needs at least {size_text(smallest.total)} of memory ({max_passes} passes over the rows, one "
-            f"row per batch) but the budget is {size_text(smallest.budget)}: raise --memory-budget-gb, or use fewer "
-            "models or stages"
+            f"the run needs at least {size_text(smallest.total)} of memory (split as far as it goes: one row per "
+            f"batch, up to {max_passes} passes over the rows) but the budget is {size_text(smallest.budget)}: raise "
+            "--memory-budget-gb, or use fewer models or stages"
         )
 
     def fewest(fits: Callable[[int], bool], high: int) -> int:

@@ -207,14 +207,22 @@ def memory_pricer(
     return price
 
 
+#: The most passes over the rows a plan considers for the neuron-block splits (more are possible, but each pass
+#: runs every model over the whole dataset again).
+MAX_PASSES = 64
+
+
 def fit_plan(
-    price: Callable[[Split], MemoryPlan], config: PrecomputeConfig, models: Sequence[LoadedModel]
+    price: Callable[[Split], MemoryPlan],
+    config: PrecomputeConfig,
+    models: Sequence[LoadedModel],
+    max_passes: int = MAX_PASSES,
 ) -> MemoryPlan:
     """The cheapest split of the run that fits its budget (`precompute.memory.fit_split`)."""
     pairs = model_pairs(len(models), config.correlation.reference_only)
     layer_blocks = sum(models[a].n_layers for a, _ in pairs)  # the most passes the correlations can use
     splittable = [name for name in config.stages if STAGES_BY_NAME[name].splittable]
-    return fit_split(price, splittable, config.dataset.batch_size, max(64, layer_blocks))
+    return fit_split(price, splittable, config.dataset.batch_size, max(max_passes, layer_blocks))
 
 
 def plan_memory(

@@ -20,6 +20,11 @@ Sampling a bin uniformly without knowing in advance which tokens fall in it: eve
 key (seeded per batch by its row, so a resumed run draws the same keys), and a bin keeps the ``per_bin`` tokens
 with the smallest keys. Only tokens whose key is below a per-bin rate (``oversample`` × the expected need) are
 looked at, which makes the common bins nearly free.
+
+Memory (issue 11): the kept examples are fixed per neuron; per batch the stage reads blocks of neurons of at most
+`precompute.memory.CHUNK_BYTES` (the masked batch for the top examples, the pilot's sort, the looked-at tokens).
+When the memory plan gives smaller batches than the dataset's, the pilot is the first smaller batch and the keys
+are drawn per smaller batch: the quantile samples are then other uniform samples than an unsplit run's.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ single-letter unigram feature ``token:<letter>``, when that VR > 0.35; first-let
 ``position`` (pre-activation kurtosis < 2, non-excess, and binary mutual information between firing (pre > 0) and
 position above ``position_mi``), ``syntax`` (best syntax/spaCy feature VR > 0.35), else ``none``. ``semantic`` is
 reserved: no feature set here (no topics, no corpus subsets) can reach it.
+
+Memory (issue 11): only the token categories that occur get a sum (a 50,257-token vocabulary as categories was
+27.6 GiB a GPT2-small model), and the sums are the stage's splittable state: with a split of P passes each pass
+sums one block of neurons and closes it into its best features; the last block stays for `FamiliesStage.write`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,55 @@
+"""The memory plan's arithmetic and its choice of split (issue 11), on a synthetic price function."""
+
+from __future__ import annotations
+
+import pytest
+
+from precompute.memory import MemoryBudgetError, MemoryPlan, Split, StageMemory, fit_split
+
+MIB = 2**20
+
+
+def pricer(budget: int):
+    """Two splittable stages: `big` holds 96 MiB in as many blocks as its passes, `small` 8 MiB; a batch row is
+    4 MiB; writing needs 10 MiB."""
+
+    def price(split: Split) -> MemoryPlan:
+        rows = split.batch_rows or 16
+        stages = {
+            "big": StageMemory(state=96 * MIB // split.passes_for("big"), update=MIB),
+            "small": StageMemory(state=8 * MIB // split.passes_for("small"), written=MIB, write=10 * MIB),
+        }
+        return MemoryPlan(budget, models=20 * MIB, batch=4 * MIB * rows, stages=stages, split=split)
+
+    return price
+
+
+def test_phases_add_what_is_held_together():
+    plan = pricer(10**12)(Split())
+    assert plan.phases["streaming"] == 20 * MIB + 64 * MIB + 104 * MIB + MIB
+    assert plan.phases["closing a pass"] == 20 * MIB + 104 * MIB
+    assert plan.phases["writing"] == 20 * MIB + max(96 * MIB + MIB + 0, MIB + 10 * MIB)
+    assert plan.total == plan.phases["streaming"] and plan.fits
+    assert "= streaming" in plan.table() and plan.record()["total"] == plan.total
+
+
+def test_a_roomy_budget_needs_no_split():
+    plan = fit_split(pricer(10**12), ["big", "small"], batch_rows=16, max_passes=8)
+    assert plan.split == Split({"big": 1, "small": 1}, None)
+
+
+def test_fewest_passes_first_then_the_largest_batches_then_each_stage_back():
+    # one pass fits only with batches of 2 rows (20 + 8 + 104 + 1 = 133 MiB); that is preferred to more passes
+    plan = fit_split(pricer(133 * MIB), ["big", "small"], batch_rows=16, max_passes=8)
+    assert plan.split == Split({"big": 1, "small": 1}, 2) and plan.fits
+    # 100 MiB: `big` must split (96 / 2 = 48), `small` need not
+    plan = fit_split(pricer(100 * MIB), ["big", "small"], batch_rows=16, max_passes=8)
+    assert plan.split.passes_for("big") == 2 and plan.split.passes_for("small") == 1 and plan.fits
+    assert plan.split.batch_rows is not None and plan.total <= 100 * MIB
+
+
+def test_a_budget_below_the_minimum_is_refused_with_the_minimum():
+    smallest = pricer(0)(Split({"big": 8, "small": 8}, 1)).total
+    with pytest.raises(MemoryBudgetError, match=f"needs at least {smallest / MIB:.1f} MiB"):
+        fit_split(pricer(smallest - 1), ["big", "small"], batch_rows=16, max_passes=8)
+    assert fit_split(pricer(smallest), ["big", "small"], batch_rows=16, max_passes=8).fits
