@@ -1,8 +1,15 @@
 """A synthetic atlas file of realistic size, written through the real writer (`precompute.store.AtlasStore`).
 
 Used by bench/dashboard.py to measure the web app on a GPT-2-medium-sized model (about 100,000 neurons) without
-running a precompute of that size. Values are random but every table of the schema is filled with the row counts
-and BLOB sizes a real run would have for the reference model; the partner model gets the correlation tables.
+running a precompute of that size. Values are random but every table of the schema (revision 0005, the compact
+atlas) is filled with the row counts and BLOB sizes a real run would have for the reference model, encoded by the
+precompute's own builders (`precompute.store.token_table_columns` and `posting_columns` through
+`precompute.stages.stats.write_token_tables`, `example_columns`, `percentile_columns`, `feature_columns`,
+`encode_u8_rows`, `encode_counts`); the partner model gets the correlation tables.
+
+The top examples are snippets of 64 hot dataset-row patterns: the token at each example's peak is one of 64 hot
+tokens, so a search for one of them (``bench.synthetic_db.hot_tokens``) finds the top examples of about 10/64 of
+the neurons (15,600 of 100,000): the heavy case of the token search.
 """
 
 from __future__ import annotations
@@ -18,17 +25,48 @@ from typing import Any
 import numpy as np
 
 from precompute import store as s
+from precompute.rows import neuron_key_columns, ranked_columns
+from precompute.stages.stats import write_token_tables
 from precompute.weights import WEIGHT_STAT_COLUMNS
 
 logger = logging.getLogger("bench.synthetic_db")
 
 FAMILIES = ("unigram", "alphabet", "previous_token", "position", "syntax", "semantic", "none")
+#: The activation_stats columns the synthetic file fills (the percentiles' statistics with the weight columns).
+ACTIVATION_COLUMNS = (
+    "pre_mean",
+    "pre_var",
+    "pre_skew",
+    "pre_kurt",
+    "pre_min",
+    "pre_max",
+    "frequency",
+    "frequency_paper",
+    "post_mean",
+    "post_var",
+    "post_skew",
+    "post_kurt",
+    "post_min",
+    "post_max",
+)
+#: Distinct dataset-row patterns of the examples: the peak token of row r is ``hot_tokens(d_vocab)[r % HOT]``.
+HOT = 64
+#: Dataset rows the examples are snippets of (``example_rows``), a multiple of `HOT`.
+DATASET_ROWS = 9_984
 
 
-def _rows(n_layers: int, d_mlp: int) -> Iterator[tuple[int, int, int]]:
-    for layer in range(n_layers):
-        for neuron in range(d_mlp):
-            yield layer * d_mlp + neuron, layer, neuron
+def vocab_texts(d_vocab: int) -> list[str]:
+    return [f" tok{i}" if i % 3 else f"t{i}" for i in range(d_vocab)]
+
+
+def hot_tokens(d_vocab: int) -> np.ndarray:
+    """The tokens the top examples peak on (row pattern i peaks on token ``hot[i]``)."""
+    return (np.arange(HOT) * 7919 + 11) % d_vocab
+
+
+def _unless(dead: np.ndarray) -> Any:
+    """A function giving values with NaN (written as NULL) where a neuron is dead."""
+    return lambda values: np.where(dead, np.nan, values)
 
 
 def build(
@@ -40,6 +78,11 @@ def build(
     snippet: int = 27,
     ctx: int = 64,
     seed: int = 0,
+    top_examples: int = 10,
+    quantile_bins: int = 2,
+    per_bin: int = 2,
+    table_k: int = 10,
+    top_features: int = 3,
 ) -> Path:
     """Write a complete run with two models of ``n_layers × d_mlp`` neurons (analyses for the first)."""
     started = time.perf_counter()
@@ -63,84 +106,80 @@ def build(
         store.add_model(run_id, name=name, source=f"/nonexistent/{name}", position=i, is_reference=i == 0, **shape)
         for i, name in enumerate(("synthetic-a", "synthetic-b"))
     ]
-    store.write_vocab(run_id, [f" tok{i}" if i % 3 else f"t{i}" for i in range(d_vocab)])
+    vocab = vocab_texts(d_vocab)
+    store.write_vocab(run_id, vocab)
+    flat = np.arange(n)
+    layer, neuron = flat // d_mlp, flat % d_mlp
     for model_id, partner_id in ((ids[0], ids[1]), (ids[1], ids[0])):
         corr = np.clip(rng.beta(2, 3, n) + 0.2, 0, 1)
         base = np.clip(rng.beta(2, 8, n), 0, 1)
         excess = corr - base
         dead = rng.random(n) < 0.002
-        store.insert_rows(
+        alive = ~dead
+        unless_dead = _unless(dead)
+
+        store.insert_columns(
             s.neurons,
-            (
-                {
-                    "model_id": model_id,
-                    "layer": layer,
-                    "neuron": neuron,
-                    "dead": bool(dead[f]),
-                    "max_corr": None if dead[f] else float(corr[f]),
-                    "mean_corr": None if dead[f] else float(corr[f]),
-                    "min_corr": None if dead[f] else float(corr[f]),
-                    "max_baseline": None if dead[f] else float(base[f]),
-                    "mean_baseline": None if dead[f] else float(base[f]),
-                    "min_baseline": None if dead[f] else float(base[f]),
-                    "excess_corr": None if dead[f] else float(excess[f]),
-                    "universal": None if dead[f] else bool(excess[f] > 0.5),
-                }
-                for f, layer, neuron in _rows(n_layers, d_mlp)
-            ),
+            {
+                "model_id": model_id,
+                "layer": layer,
+                "neuron": neuron,
+                "dead": dead.astype(np.int64),
+                "max_corr": unless_dead(corr),
+                "mean_corr": unless_dead(corr),
+                "min_corr": unless_dead(corr),
+                "max_baseline": unless_dead(base),
+                "mean_baseline": unless_dead(base),
+                "min_baseline": unless_dead(base),
+                "excess_corr": unless_dead(excess),
+                "universal": [None if d else bool(e > 0.5) for d, e in zip(dead, excess, strict=True)],
+            },
         )
         partner_layer = rng.integers(0, n_layers, n)
         partner_neuron = rng.integers(0, d_mlp, n)
-        store.insert_rows(
+        store.insert_columns(
             s.partner_scores,
-            (
-                {
-                    "model_id": model_id,
-                    "layer": layer,
-                    "neuron": neuron,
-                    "partner_model_id": partner_id,
-                    "max_corr": float(corr[f]),
-                    "max_layer": int(partner_layer[f]),
-                    "max_neuron": int(partner_neuron[f]),
-                    "baseline_corr": float(base[f]),
-                    "baseline_layer": int(layer),
-                    "baseline_unit": int(neuron),
-                }
-                for f, layer, neuron in _rows(n_layers, d_mlp)
-                if not dead[f]
-            ),
+            {
+                "model_id": model_id,
+                "layer": layer[alive],
+                "neuron": neuron[alive],
+                "partner_model_id": partner_id,
+                "max_corr": corr[alive],
+                "max_layer": partner_layer[alive],
+                "max_neuron": partner_neuron[alive],
+                "baseline_corr": base[alive],
+                "baseline_layer": layer[alive],
+                "baseline_unit": neuron[alive],
+            },
         )
-        store.insert_rows(
+        live = np.repeat(flat[alive], top_k)
+        r = np.tile(np.arange(top_k), int(alive.sum()))
+        store.insert_columns(
             s.matches,
-            (
-                {
-                    "model_id": model_id,
-                    "layer": layer,
-                    "neuron": neuron,
-                    "partner_model_id": partner_id,
-                    "rank": r,
-                    "partner_layer": int(partner_layer[f]) if r == 0 else int((partner_layer[f] + r) % n_layers),
-                    "partner_neuron": int(partner_neuron[f]) if r == 0 else int((partner_neuron[f] * 7 + r) % d_mlp),
-                    "corr": float(corr[f]) * (1 - 0.1 * r),
-                }
-                for f, layer, neuron in _rows(n_layers, d_mlp)
-                if not dead[f]
-                for r in range(top_k)
-            ),
+            {
+                "model_id": model_id,
+                "layer": live // d_mlp,
+                "neuron": live % d_mlp,
+                "partner_model_id": partner_id,
+                "rank": r,
+                "partner_layer": np.where(r == 0, partner_layer[live], (partner_layer[live] + r) % n_layers),
+                "partner_neuron": np.where(r == 0, partner_neuron[live], (partner_neuron[live] * 7 + r) % d_mlp),
+                "corr": corr[live] * (1 - 0.1 * r),
+            },
         )
         store.insert_rows(
             s.layer_summaries,
             (
                 {
                     "model_id": model_id,
-                    "layer": layer,
+                    "layer": li,
                     "n_neurons": d_mlp,
-                    "n_dead": int(dead[layer * d_mlp : (layer + 1) * d_mlp].sum()),
-                    "n_universal": int((excess[layer * d_mlp : (layer + 1) * d_mlp] > 0.5).sum()),
-                    "mean_excess": float(excess[layer * d_mlp : (layer + 1) * d_mlp].mean()),
-                    "max_excess": float(excess[layer * d_mlp : (layer + 1) * d_mlp].max()),
+                    "n_dead": int(dead[li * d_mlp : (li + 1) * d_mlp].sum()),
+                    "n_universal": int((excess[li * d_mlp : (li + 1) * d_mlp] > 0.5).sum()),
+                    "mean_excess": float(excess[li * d_mlp : (li + 1) * d_mlp].mean()),
+                    "max_excess": float(excess[li * d_mlp : (li + 1) * d_mlp].max()),
                 }
-                for layer in range(n_layers)
+                for li in range(n_layers)
             ),
         )
         edges = np.linspace(-1, 1, 201)
@@ -157,9 +196,11 @@ def build(
                 for q, v in (("max_corr", corr), ("mean_corr", corr), ("mean_baseline", base), ("excess_corr", excess))
             ),
         )
-    _analyses(store, ids[0], n_layers, d_mlp, d_vocab, snippet, ctx, rng)
+    sizes = {"top_examples": top_examples, "quantile_bins": quantile_bins, "per_bin": per_bin}
+    _analyses(store, ids[0], n_layers, d_mlp, vocab, snippet, ctx, rng, sizes, table_k, top_features)
     store.mark_stage_done(run_id, "correlations", time.perf_counter() - started)
     store.finish_run(run_id)
+    store.compact()  # as a precompute ends
     store.close()
     logger.info("wrote %s (%d neurons per model) in %.0f s", path, n, time.perf_counter() - started)
     return path
@@ -170,184 +211,131 @@ def _analyses(
     model_id: int,
     n_layers: int,
     d_mlp: int,
-    d_vocab: int,
+    vocab: list[str],
     snippet: int,
     ctx: int,
     rng: np.random.Generator,
+    sizes: dict[str, int],
+    table_k: int,
+    top_features: int,
 ) -> None:
-    n = n_layers * d_mlp
-    key = lambda layer, neuron: {"model_id": model_id, "layer": layer, "neuron": neuron}  # noqa: E731
-    moments = rng.normal(size=(n, 8))
-    store.insert_rows(
-        s.activation_stats,
-        (
-            {
-                **key(layer, neuron),
-                "n_tokens": 10_000_000,
-                "pre_mean": float(m[0]),
-                "pre_var": abs(float(m[1])),
-                "pre_skew": float(m[2]),
-                "pre_kurt": 3 + abs(float(m[3])),
-                "pre_min": -5.0,
-                "pre_max": 8.0,
-                "frequency": float(abs(m[4]) / 10),
-                "post_mean": abs(float(m[5])),
-                "post_var": abs(float(m[6])),
-                "post_skew": 1.0,
-                "post_kurt": 5.0,
-                "post_min": -0.17,
-                "post_max": 4 + abs(float(m[7])),
-            }
-            for (f, layer, neuron), m in zip(_rows(n_layers, d_mlp), moments, strict=True)
-        ),
+    n, d_vocab = n_layers * d_mlp, len(vocab)
+    flat = np.arange(n)
+    key = neuron_key_columns(model_id, d_mlp, flat)
+    m = rng.normal(size=(8, n))
+    stats = {
+        "pre_mean": m[0],
+        "pre_var": np.abs(m[1]),
+        "pre_skew": m[2],
+        "pre_kurt": 3 + np.abs(m[3]),
+        "pre_min": np.full(n, -5.0),
+        "pre_max": np.full(n, 8.0),
+        "frequency": np.abs(m[4]) / 10,
+        "frequency_paper": np.abs(m[4]) / 9,
+        "post_mean": np.abs(m[5]),
+        "post_var": np.abs(m[6]),
+        "post_skew": np.ones(n),
+        "post_kurt": np.full(n, 5.0),
+        "post_min": np.full(n, -0.17),
+        "post_max": 4 + np.abs(m[7]),
+    }
+    store.insert_columns(s.activation_stats, key | {"n_tokens": 10_000_000} | stats)
+    # histograms (`encode_counts`) and position profiles (`encode_u8`): a pool of distinct arrays, reused
+    pool = 64
+    counts = [s.encode_counts(c) for c in rng.integers(0, 10_000, (pool, 102))]
+    for hook in ("hook_pre", "hook_post"):
+        store.insert_columns(
+            s.histograms,
+            key | {"hook": hook, "low": -10.0, "high": 15.0, "n_bins": 100, "counts": [counts[f % pool] for f in flat]},
+        )
+    profiles = s.encode_u8_rows(rng.normal(size=(pool, ctx)))
+    store.insert_columns(s.position_counts, {"model_id": [model_id], "count": [s.blob(np.full(ctx, 1000, "<i8"))]})
+    for hook in ("hook_pre", "hook_post"):
+        blobs = [profiles[f % pool] for f in flat]
+        store.insert_columns(s.position_profiles, key | {"hook": hook, "mean": blobs, "std": blobs})
+    w = np.abs(rng.normal(size=(len(WEIGHT_STAT_COLUMNS), n)))
+    weights = dict(zip(WEIGHT_STAT_COLUMNS, w, strict=True))
+    store.insert_columns(s.weight_stats, key | weights)
+    names = sorted(stats | weights)
+    values = ((flat[:, None] * 37 + np.arange(len(names))[None] * 11) % 100).astype(np.float64)
+    store.insert_columns(
+        s.percentile_statistics, {"model_id": model_id, "position": np.arange(len(names)), "statistic": names}
     )
-    counts = s.blob(rng.integers(0, 10_000, 102).astype("<i8"))
-    store.insert_rows(
-        s.histograms,
-        (
-            {**key(layer, neuron), "hook": hook, "low": -10.0, "high": 15.0, "n_bins": 100, "counts": counts}
-            for _, layer, neuron in _rows(n_layers, d_mlp)
-            for hook in ("hook_pre", "hook_post")
-        ),
-    )
-    profile = s.blob(rng.normal(size=ctx).astype("<f4"))
-    count = s.blob(np.full(ctx, 1000, dtype="<i8"))
-    store.insert_rows(
-        s.position_profiles,
-        (
-            {**key(layer, neuron), "hook": "hook_post", "mean": profile, "std": profile, "count": count}
-            for _, layer, neuron in _rows(n_layers, d_mlp)
-        ),
-    )
-    weights = rng.normal(size=(n, 10))
-    names = WEIGHT_STAT_COLUMNS
-    store.insert_rows(
-        s.weight_stats,
-        (
-            {**key(layer, neuron), **{name: float(abs(w[i])) for i, name in enumerate(names)}}
-            for (_, layer, neuron), w in zip(_rows(n_layers, d_mlp), weights, strict=True)
-        ),
-    )
-    store.insert_rows(
-        s.percentiles,
-        (
-            {**key(layer, neuron), "statistic": stat, "percentile": float((f * 37 + i * 11) % 100)}
-            for f, layer, neuron in _rows(n_layers, d_mlp)
-            for i, stat in enumerate(
-                (
-                    "l2_penalty",
-                    "input_bias",
-                    "in_out_sim",
-                    "vocab_kurt",
-                    "w_out_norm",
-                    "frequency",
-                    "pre_skew",
-                    "pre_kurt",
-                    "post_mean",
-                )
-            )
-        ),
-    )
-    store.insert_rows(
-        s.token_tables,
-        (
-            {
-                **key(layer, neuron),
-                "kind": kind,
-                "rank": r,
-                "token_id": int((f * 31 + r * 977 + k * 13) % d_vocab),
-                "value": float(10 - r) * (1 if kind != "unembed_bottom" else -1),
-                "count": 100 + r if kind.endswith("activation") else None,
-            }
-            for f, layer, neuron in _rows(n_layers, d_mlp)
-            for k, kind in enumerate(
-                ("unembed_top", "unembed_bottom", "embed_top", "mean_activation", "max_activation")
-            )
-            for r in range(10)
-        ),
-    )
-    tokens = rng.integers(0, d_vocab, (64, snippet)).astype("<i4")
-    acts = rng.normal(size=(64, snippet)).astype("<f2")
-    store.insert_rows(
-        s.examples,
-        (
-            {
-                **key(layer, neuron),
-                "kind": kind,
-                "rank": r,
-                "bin": b,
-                "bin_low": None if kind == "top" else float(b),
-                "bin_high": None if kind == "top" else float(b + 1),
-                "bin_fraction": None if kind == "top" else 0.1,
-                "dataset_row": int(f % 10_000),
-                "start": 0,
-                "peak": snippet - 7,
-                "activation": 5.0 - r,
-                "token_ids": s.blob(tokens[(f + r) % 64]),
-                "activations": s.blob(acts[(f + r + b) % 64]),
-            }
-            for f, layer, neuron in _rows(n_layers, d_mlp)
-            for kind, b, r in [("top", 0, r) for r in range(10)]
-            + [("quantile", b, r) for b in range(2) for r in range(2)]
-        ),
-    )
+    store.insert_columns(s.percentiles, s.percentile_columns(model_id, d_mlp, values))
+    tables = []
+    rank = np.arange(table_k)
+    for k, kind in enumerate(s.TOKEN_TABLE_KINDS):
+        ids = (flat[:, None] * 31 + rank[None] * 977 + k * 13) % d_vocab
+        sign = -1 if kind == "unembed_bottom" else 1
+        value = np.broadcast_to(sign * (10.0 - rank), (n, table_k))
+        count = np.broadcast_to(100 + rank, (n, table_k)) if kind.endswith("activation") else None
+        tables.append(ranked_columns(model_id, d_mlp, kind, ids, value, count) | {"kind": s.token_kind_code(kind)})
+    write_token_tables(store, model_id, d_mlp, tables)  # token_tables and the search's token_postings
+    del tables
+    _examples(store, model_id, n, d_mlp, d_vocab, snippet, ctx, rng, **sizes)
     store.insert_rows(
         s.families,
         (
             {
-                **key(layer, neuron),
+                "model_id": model_id,
+                "layer": int(f // d_mlp),
+                "neuron": int(f % d_mlp),
                 "family": FAMILIES[f % len(FAMILIES)],
-                "best_feature": f"token:{f % d_vocab}",
+                "best_feature": f"token:{vocab[f % d_vocab]}",
                 "best_vr": float((f % 97) / 97),
                 "position_mi": None,
                 "evidence": {"synthetic": True},
             }
-            for f, layer, neuron in _rows(n_layers, d_mlp)
+            for f in range(n)
         ),
     )
-    store.insert_rows(
+    scored = np.repeat(flat, top_features)
+    feature_rank = np.tile(np.arange(top_features), n)
+    features = [f"token:{vocab[t]}" for t in ((scored + feature_rank) % d_vocab).tolist()]
+    dictionary, feature_ids = s.feature_columns(
+        model_id, features, ["unigram"] * len(features), np.full(len(features), 0.01)
+    )
+    store.insert_columns(s.feature_names, dictionary)
+    store.insert_columns(
         s.feature_scores,
-        (
-            {
-                **key(layer, neuron),
-                "rank": r,
-                "feature": f"token:{(f + r) % d_vocab}",
-                "feature_set": "unigram",
-                "variance_reduction": 0.5 / (r + 1),
-                "fraction": 0.01,
-            }
-            for f, layer, neuron in _rows(n_layers, d_mlp)
-            for r in range(3)
-        ),
+        neuron_key_columns(model_id, d_mlp, scored)
+        | {"rank": feature_rank, "feature_id": feature_ids, "variance_reduction": 0.5 / (feature_rank + 1)},
     )
     store.insert_rows(
         s.roles,
         (
             {
-                **key(layer, neuron),
+                "model_id": model_id,
+                "layer": int(f // d_mlp),
+                "neuron": int(f % d_mlp),
                 "vocab_role": ("prediction", "suppression", None, None)[f % 4],
                 "entropy_rank": f if f < 50 else None,
                 "attention_role": "deactivation" if f % 50 == 0 else None,
-                "attention_layer": layer,
+                "attention_layer": int(f // d_mlp),
                 "attention_head": 0,
                 "attention_score": 0.5,
             }
-            for f, layer, neuron in _rows(n_layers, d_mlp)
+            for f in range(n)
         ),
     )
-    store.insert_rows(
+    store.insert_columns(
         s.attention_scores,
-        (
-            {**key(layer, neuron), "rank": r, "attention_layer": layer, "head": r, "score": 0.5 - 0.1 * r}
-            for _, layer, neuron in _rows(n_layers, d_mlp)
-            for r in range(2)
-        ),
+        neuron_key_columns(model_id, d_mlp, np.repeat(flat, 2))
+        | {
+            "rank": np.tile([0, 1], n),
+            "attention_layer": np.repeat(flat // d_mlp, 2),
+            "head": np.tile([0, 1], n),
+            "score": np.tile([0.5, 0.4], n),
+        },
     )
+    last = n_layers - 1
     store.insert_rows(
         s.entropy_interventions,
         (
             {
-                **key(n_layers - 1, neuron),
+                "model_id": model_id,
+                "layer": last,
+                "neuron": neuron,
                 "value": v,
                 "is_baseline": False,
                 "ln_scale": 1 + v / 10,
@@ -361,23 +349,106 @@ def _analyses(
         ),
     )
     points = s.blob(rng.normal(size=(400, 3)).astype("<f4"))
-    store.insert_rows(
+    ablated = flat[flat % 50 == 0]
+    store.insert_columns(
         s.path_ablations,
-        (
-            {
-                **key(layer, neuron),
-                "attention_layer": layer,
-                "head": 0,
-                "pearson_bos": 0.4,
-                "spearman_bos": 0.3,
-                "pearson_norm": -0.3,
-                "spearman_norm": -0.2,
-                "n_points": 400,
-                "points": points,
-            }
-            for f, layer, neuron in _rows(n_layers, d_mlp)
-            if f % 50 == 0
-        ),
+        neuron_key_columns(model_id, d_mlp, ablated)
+        | {
+            "attention_layer": ablated // d_mlp,
+            "head": 0,
+            "pearson_bos": 0.4,
+            "spearman_bos": 0.3,
+            "pearson_norm": -0.3,
+            "spearman_norm": -0.2,
+            "n_points": 400,
+            "points": [points] * len(ablated),
+        },
+    )
+
+
+def _examples(
+    store: s.AtlasStore,
+    model_id: int,
+    n: int,
+    d_mlp: int,
+    d_vocab: int,
+    snippet: int,
+    ctx: int,
+    rng: np.random.Generator,
+    top_examples: int,
+    quantile_bins: int,
+    per_bin: int,
+) -> None:
+    """``examples`` (`example_columns`, one row per neuron and kind), ``example_rows`` (the dataset rows' tokens)
+    and ``example_peaks`` (the top examples by peak token), as the examples stage writes them."""
+    n_rows, peak = DATASET_ROWS, snippet - 7
+    rows = rng.integers(0, d_vocab, (n_rows, ctx))
+    starts = (np.arange(n_rows) // HOT) % (ctx - snippet + 1)
+    rows[np.arange(n_rows), starts + peak] = hot_tokens(d_vocab)[np.arange(n_rows) % HOT]
+    itemsize = s.token_itemsize(d_vocab)
+    store.insert_columns(
+        s.example_rows,
+        {
+            "model_id": model_id,
+            "dataset_row": np.arange(n_rows),
+            "itemsize": itemsize,
+            "token_ids": [s.blob(np.ascontiguousarray(r, dtype=f"<u{itemsize}")) for r in rows],
+        },
+    )
+    snippets = s.encode_u8_rows(rng.normal(size=(HOT, snippet)))
+
+    def dataset_row(f: int, r: int) -> int:
+        """A row of pattern (f + r) % HOT (so its peak token is that pattern's hot token)."""
+        return ((f // HOT) * HOT + (f + r) % HOT) % n_rows
+
+    def packed() -> Iterator[dict[str, Any]]:
+        for f in range(n):
+            layer, neuron = f // d_mlp, f % d_mlp
+            for kind, examples in (
+                ("top", [(0, r) for r in range(top_examples)]),
+                ("quantile", [(b, r) for b in range(quantile_bins) for r in range(per_bin)]),
+            ):
+                if not examples:
+                    continue
+                group = []
+                for b, r in examples:
+                    row = dataset_row(f, r + 3 * b)
+                    group.append(
+                        {
+                            "model_id": model_id,
+                            "layer": layer,
+                            "neuron": neuron,
+                            "kind": kind,
+                            "rank": r,
+                            "bin": b,
+                            "bin_low": None if kind == "top" else float(b),
+                            "bin_high": None if kind == "top" else float(b + 1),
+                            "bin_fraction": None if kind == "top" else 0.1,
+                            "dataset_row": row,
+                            "start": int(starts[row]),
+                            "peak": peak,
+                            "activation": 5.0 - r,
+                            "activations": snippets[(f + r + b) % HOT],
+                        }
+                    )
+                yield s.example_columns(group)
+
+    store.insert_rows(s.examples, packed(), chunk=5_000)
+    top = np.repeat(np.arange(n), top_examples)
+    r = np.tile(np.arange(top_examples), n)
+    row = ((top // HOT) * HOT + (top + r) % HOT) % n_rows
+    peak_token = rows[row, starts[row] + peak]
+    order = np.lexsort((r, top, peak_token))
+    store.insert_columns(
+        s.example_peaks,
+        {
+            "model_id": model_id,
+            "peak_token": peak_token[order],
+            "layer": top[order] // d_mlp,
+            "neuron": top[order] % d_mlp,
+            "rank": r[order],
+            "activation": 5.0 - r[order],
+        },
     )
 
 
@@ -386,12 +457,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=25)
     parser.add_argument("--d-mlp", type=int, default=4000)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    build(args.out, args.layers, args.d_mlp)
+    build(args.out, args.layers, args.d_mlp, seed=args.seed)
     print(
         json.dumps(
-            {"db": str(args.out), "neurons_per_model": args.layers * args.d_mlp, "bytes": args.out.stat().st_size}
+            {
+                "db": str(args.out),
+                "neurons_per_model": args.layers * args.d_mlp,
+                "bytes": args.out.stat().st_size,
+                "hot_tokens": hot_tokens(50257)[:3].tolist(),
+            }
         )
     )
 
@@ -400,4 +477,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__: list[Any] = ["build"]
+__all__: list[Any] = ["build", "hot_tokens"]

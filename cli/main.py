@@ -23,6 +23,7 @@ from pathlib import Path
 from precompute.compare import ComparisonError, RunComparison, compare_runs, parse_spec, resolve_spec
 from precompute.correlation import BASELINES, PRECISIONS, CorrelationConfig, CorrelationError
 from precompute.data import DataError, DatasetConfig
+from precompute.distributed import log_prefix, process_group, rank_device
 from precompute.memory import DEFAULT_SHARE
 from precompute.models import ModelLoadError
 from precompute.pipeline import PrecomputeConfig, run_precompute
@@ -324,7 +325,12 @@ def _train(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 
 def _precompute(args: argparse.Namespace) -> None:
-    run_precompute(precompute_config(args))
+    config = precompute_config(args)
+    # under torchrun (docs/distributed.md): one rank per GPU, each on cuda:LOCAL_RANK; the group is torn down at
+    # the end, whatever happens
+    config = dataclasses.replace(config, device=rank_device(config.device))
+    with process_group(config.device) as group:
+        run_precompute(config, group)
 
 
 def _import_paper(args: argparse.Namespace) -> None:
@@ -421,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_arguments(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=f"%(asctime)s %(levelname)s {log_prefix()}%(name)s: %(message)s",  # "[rank 1/2] " under torchrun
     )
     try:
         if args.command == "train":

@@ -225,13 +225,20 @@ def stream_batches(
     device: str = "cpu",
     description: str = "activations",
     batch_rows: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[ActivationBatch]:
     """Yield an `ActivationBatch` per batch of dataset rows from ``start_row`` on, with a progress bar.
 
     Args:
         batch_rows: rows per forward pass; None: the dataset's batch size (the memory plan may ask for fewer).
+        rank, world_size: the batches of one rank of several (`precompute.distributed`): the batches from
+            ``start_row`` on are dealt out in turn, so rank ``r`` reads the ``r``-th of every ``world_size`` and
+            rank 0 reads the first (the pilot batch of the stages that need one). Only rank 0 shows progress, for
+            all ranks (each step of ``world_size`` batches).
     """
     rows_per_batch = batch_rows or dataset.config.batch_size
+    step = rows_per_batch * world_size
     with tqdm(
         total=dataset.tokens_seen,
         initial=start_row * dataset.ctx,
@@ -239,8 +246,9 @@ def stream_batches(
         unit_scale=True,
         desc=description,
         dynamic_ncols=True,
+        disable=rank != 0,
     ) as progress:
-        for row_start in range(start_row, dataset.n_rows, rows_per_batch):
+        for row_start in range(start_row + rank * rows_per_batch, dataset.n_rows, step):
             rows = slice(row_start, row_start + rows_per_batch)
             mask = dataset.counted[rows]
             tokens = torch.from_numpy(dataset.rows[rows]).to(device)
@@ -253,4 +261,5 @@ def stream_batches(
                     (hook_post if kind == "hook_post" else hook_pre)[model.name] = value
             yield ActivationBatch(row_start, tokens, counted, hook_post, hook_pre, index=index)
             del hook_post, hook_pre  # this batch must not outlive its consumer into the next forward pass
-            progress.update(tokens.numel())
+            step_start = row_start - rank * rows_per_batch
+            progress.update((min(step_start + step, dataset.n_rows) - step_start) * dataset.ctx)

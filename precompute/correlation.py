@@ -11,9 +11,11 @@ and model pair, and one GEMM per layer for the Gram matrices, is all the per-tok
 Numerics (paper-spec §7.3 pitfalls 1-2): every model's activations are shifted by a pilot mean (the first
 batch's) before anything is summed, so the raw-moment formula does not cancel catastrophically; per-batch
 products are computed in the chosen precision (float32 on the CPU, bf16 or TF32 operands with fp32 results on a
-GPU) and summed into float64 (CPU) or float32 (GPU) accumulators. The rotated baseline's own products (d³ per
-layer and [d_a, d_b] tile, from the float64 covariances) use float32 too unless ``--precision float64``: in
-float64 they were the larger part of a GPT2-small run's time on the CPU.
+GPU) and summed into float64 (CPU) or float32 (GPU) accumulators. Under torchrun every rank shifts by the same
+pilot, the dataset's first batch (`CorrelationEngine.share_pilot`), so the ranks' sums add up exactly in the
+mathematical sense (`CorrelationEngine.reduce`; only the order of the float additions changes). The rotated
+baseline's own products (d³ per layer and [d_a, d_b] tile, from the float64 covariances) use float32 too unless
+``--precision float64``: in float64 they were the larger part of a GPT2-small run's time on the CPU.
 
 Memory (issue 11) is bounded by splitting each pair into blocks of whole layers of model a; blocks that do not
 fit together run in further passes over the same rows (`CorrelationPlan.memory` says what each moment holds).
@@ -36,6 +38,7 @@ from typing import Any, Literal
 import torch
 
 from precompute.activations import ActivationBatch, HookKind
+from precompute.distributed import Distributed
 from precompute.memory import StageMemory, chunk_bytes, chunk_rows
 
 logger = logging.getLogger(__name__)
@@ -304,24 +307,46 @@ class CorrelationPlan:
     pairs: list[tuple[int, int]]
     passes: list[list[LayerBlock]]
     top_k: int
+    ranks: int = 1  # the ranks of a distributed run (`precompute.distributed`)
 
     @property
     def keep_rotations(self) -> bool:
         return len(self.passes) <= 1
 
-    def gram_passes(self) -> dict[tuple[int, int], int]:
+    @property
+    def ranks_split_passes(self) -> bool:
+        """Several ranks and several passes: each rank makes its own passes (`schedule`) over every row, instead
+        of every rank making every pass over its share of the rows, so N ranks make ceil(P / N) passes each."""
+        return self.ranks > 1 and len(self.passes) > 1
+
+    def schedule(self, rank: int = 0) -> list[int]:
+        """The passes a rank makes, in order: every pass, or when the ranks split them, r, r + N, r + 2N, ...
+
+        >>> plan = plan_correlations([ModelShape("a", 4, 2), ModelShape("b", 4, 2)], CorrelationConfig(),
+        ...                          torch.device("cpu"), n_passes=4, ranks=2)
+        >>> plan.schedule(0), plan.schedule(1)
+        ([0, 2], [1, 3])
+        """
+        if not self.ranks_split_passes:
+            return list(range(len(self.passes)))
+        return list(range(rank, len(self.passes), self.ranks))
+
+    def gram_passes(self, rank: int = 0) -> dict[tuple[int, int], int]:
         """(model, layer) -> the pass whose closing first needs the spreads of the layer's rotated units: the
         layer's Gram matrix is gathered in that pass only. A block needs every layer of its partner model b and
-        its own layers of model a, so a split run spreads model a's Gram matrices over its passes.
+        its own layers of model a, so a split run spreads model a's Gram matrices over its passes. When the ranks
+        split the passes, each gathers the Gram matrices its own passes need, in the first of them that does.
 
         >>> plan = plan_correlations([ModelShape("a", 2, 4), ModelShape("b", 2, 4)], CorrelationConfig(),
         ...                          torch.device("cpu"), n_passes=2)
         >>> plan.gram_passes()
         {(0, 0): 0, (1, 0): 0, (1, 1): 0, (0, 1): 1}
+        >>> plan_correlations(plan.shapes, CorrelationConfig(), torch.device("cpu"), 2, ranks=2).gram_passes(rank=1)
+        {(0, 1): 1, (1, 0): 1, (1, 1): 1}
         """
         first: dict[tuple[int, int], int] = {}
-        for index, blocks in enumerate(self.passes):
-            for block in blocks:
+        for index in self.schedule(rank):
+            for block in self.passes[index]:
                 for layer in range(block.layer_start, block.layer_stop):
                     first.setdefault((block.a, layer), index)
                 for layer in range(self.shapes[block.b].n_layers):
@@ -339,13 +364,16 @@ class CorrelationPlan:
         - after the last pass: the results, the sums and spreads.
         """
         entry = self.accumulator_dtype.itemsize
-        firsts = self.gram_passes()
         accumulators = [sum(block_entries(self.shapes, b) for b in blocks) * entry for blocks in self.passes]
-        grams = [
-            sum(self.shapes[m].d_mlp ** 2 * entry for (m, _), first in firsts.items() if first == index)
-            for index in range(len(self.passes))
-        ]
-        state = max((a + g for a, g in zip(accumulators, grams, strict=True)), default=0)
+        # (pass, the Gram matrices it gathers) of every rank's passes: the same split on every rank, each holding
+        # the largest of its own
+        moments: list[tuple[int, int]] = []
+        for rank in range(self.ranks if self.ranks_split_passes else 1):
+            firsts = self.gram_passes(rank)
+            for index in self.schedule(rank):
+                grams = sum(self.shapes[m].d_mlp ** 2 * entry for (m, _), first in firsts.items() if first == index)
+                moments.append((accumulators[index], grams))
+        state = max((a + g for a, g in moments), default=0)
         small = sum(s.n_neurons * (4 + 8 + 8 + 8) for s in self.shapes)  # shift, sums, squares, rotated spreads
         for a, b in self.pairs:
             for x in (a, b):  # top-k correlations and indices, best rotated unit and its index: 8 bytes each
@@ -373,20 +401,24 @@ class CorrelationPlan:
             rotations += square
         tiles = 3 * square + 2 * square * item // 8  # covariance, its copy, products, their float64 and division
         # closing pass p: its Gram matrices become spreads (one rotation at a time), then are freed for the tiles
-        closing = max(
-            (a + max(g + spreads, rotations + tiles) for a, g in zip(accumulators, grams, strict=True)), default=0
-        )
+        closing = max((a + max(g + spreads, rotations + tiles) for a, g in moments), default=0)
         return StageMemory(state=state + small, update=update, finish=max(0, closing - state), written=small)
 
 
 def plan_correlations(
-    shapes: Sequence[ModelShape], config: CorrelationConfig, device: torch.device, n_passes: int | None = None
+    shapes: Sequence[ModelShape],
+    config: CorrelationConfig,
+    device: torch.device,
+    n_passes: int | None = None,
+    ranks: int = 1,
 ) -> CorrelationPlan:
     """The pairs, precision and passes the engine will use for these models.
 
     Args:
         n_passes: pack the accumulators into at most this many passes (the run's memory plan decides); None:
             pack them under ``config.memory_budget_gb``, or a share of free memory (the engine on its own).
+        ranks: the ranks of a distributed run: with several passes each rank makes its own
+            (`CorrelationPlan.schedule`); the passes themselves are the same as in one process.
     """
     precision = config.resolved_precision(device)
     # The GPU precisions accumulate in float32: float64 adds would double the memory traffic per batch.
@@ -401,7 +433,7 @@ def plan_correlations(
             else default_budget_bytes(device)
         )
         passes = plan_passes(shapes, pairs, budget, accumulator_dtype.itemsize)
-    return CorrelationPlan(tuple(shapes), precision, accumulator_dtype, pairs, passes, config.top_k)
+    return CorrelationPlan(tuple(shapes), precision, accumulator_dtype, pairs, passes, config.top_k, max(1, ranks))
 
 
 class CorrelationEngine:
@@ -410,6 +442,11 @@ class CorrelationEngine:
     Usage: for each pass in ``range(engine.n_passes)``, feed every batch of the dataset to `update`, then call
     `finish_pass`. Pass 0 also gathers the per-model moments. `results` then holds a `PartnerResult` per ordered
     model pair (x, y).
+
+    One rank of several (``rank``, ``world_size``): when the plan has several passes, the ranks split them
+    (`CorrelationPlan.schedule`): the engine makes only its own passes, each over every row (its first also
+    gathers the moments), needs no `reduce`, and `gather` merges the ranks' results once all have streamed.
+    With one pass every rank makes it over its share of the rows and `reduce` adds the ranks' sums.
     """
 
     hooks: frozenset[HookKind] = frozenset({"hook_post"})
@@ -420,17 +457,21 @@ class CorrelationEngine:
         config: CorrelationConfig,
         device: str = "cpu",
         n_passes: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.shapes = list(shapes)
         self.config = config
         self.device = torch.device(device)
-        plan = plan_correlations(self.shapes, config, self.device, n_passes)
+        plan = plan_correlations(self.shapes, config, self.device, n_passes, ranks=world_size)
         self.plan = plan
         self.precision = plan.precision
         self.accumulator_dtype = plan.accumulator_dtype
         self.pairs = plan.pairs
         self.passes = plan.passes
-        self.pass_index = 0
+        self.schedule = plan.schedule(rank)  # the passes this engine makes, in order
+        self.round = 0  # how many of them are done
+        self.merged = False  # the ranks' results are merged (`gather`)
         self.moments = [ShiftedGramSums() for _ in shapes]
         self.accumulators: dict[LayerBlock, torch.Tensor] = {}
         self.results: dict[tuple[int, int], PartnerResult] = {}
@@ -438,7 +479,7 @@ class CorrelationEngine:
             self.results[(a, b)] = PartnerResult.empty(shapes[a].n_neurons, config.top_k)
             self.results[(b, a)] = PartnerResult.empty(shapes[b].n_neurons, config.top_k)
         self.rotated_std: dict[tuple[int, int], torch.Tensor] = {}  # (model, layer) -> spread of each rotated unit
-        self.gram_passes = plan.gram_passes()
+        self.gram_passes = plan.gram_passes(rank)
         # The rotated baseline's products (d³ per layer and tile) in the precision of the batch products: float32
         # unless --precision float64 (in float64 they were most of a GPT2-small run's time on the CPU).
         self.baseline_dtype = torch.float64 if self.precision == "float64" else torch.float32
@@ -455,8 +496,18 @@ class CorrelationEngine:
         return len(self.passes)
 
     @property
+    def pass_index(self) -> int:
+        """The pass being made (`n_passes` once done)."""
+        return self.schedule[self.round] if self.round < len(self.schedule) else len(self.passes)
+
+    @property
+    def ranks_split_passes(self) -> bool:
+        """Each rank makes its own passes over every row (`CorrelationPlan.ranks_split_passes`)."""
+        return self.plan.ranks_split_passes
+
+    @property
     def done(self) -> bool:
-        return self.pass_index >= len(self.passes)
+        return self.round >= len(self.schedule)
 
     def _allocate_pass(self) -> None:
         self.accumulators = {}
@@ -505,13 +556,7 @@ class CorrelationEngine:
         if n_tokens == 0:
             return
         self._pass_rows += n_tokens
-        for index, shape in enumerate(self.shapes):
-            moments = self.moments[index]
-            if moments.shift is None:  # the pilot: the first batch's mean
-                total = torch.zeros(shape.n_neurons, dtype=torch.float64, device=self.device)
-                for _, x in batch.counted_chunks(shape.name, "hook_post", itemsize=4):
-                    total += x.to(self.device, torch.float32).sum(0, dtype=torch.float64)
-                moments.shift = (total / n_tokens).float()
+        self._set_pilot(batch)
         shifts = [m.shift for m in self.moments if m.shift is not None]
         n_all = sum(shape.n_neurons for shape in self.shapes)
         step = chunk_rows(n_all, _operand_bytes(self.precision))
@@ -528,11 +573,94 @@ class CorrelationEngine:
                 left = operands[block.a][:, block.layer_start * d_a : block.layer_stop * d_a]
                 self._products(left, operands[block.b], accumulator)
 
+    def _set_pilot(self, batch: ActivationBatch) -> None:
+        """The shift of every model without one: the mean of this batch (the first with counted tokens)."""
+        for index, shape in enumerate(self.shapes):
+            moments = self.moments[index]
+            if moments.shift is None and batch.n_counted:
+                total = torch.zeros(shape.n_neurons, dtype=torch.float64, device=self.device)
+                for _, x in batch.counted_chunks(shape.name, "hook_post", itemsize=4):
+                    total += x.to(self.device, torch.float32).sum(0, dtype=torch.float64)
+                moments.shift = (total / batch.n_counted).float()
+
+    # --- several ranks (precompute.distributed) -----------------------------------------------------------
+
+    def share_pilot(self, group: Distributed, batch: ActivationBatch | None) -> None:
+        """Every rank shifts by the dataset's first batch's mean (rank 0's ``batch``): sums from the ranks are
+        only additive when they share one shift."""
+        if group.is_main and batch is not None:
+            self._set_pilot(batch)
+        shifts = group.broadcast_object([None if m.shift is None else m.shift.cpu() for m in self.moments])
+        for moments, shift in zip(self.moments, shifts, strict=True):
+            moments.shift = None if shift is None else shift.to(self.device)
+
+    def reduce(self, group: Distributed) -> None:
+        """Add up, over the ranks and in place, what this pass gathered: in pass 0 the token counts and sums,
+        then the Gram matrices this pass gathers and the pass's accumulators (a rank that streamed no rows adds
+        zeros). Every rank then closes the pass on the same sums. When the ranks split the passes, each has
+        streamed every row of its own: nothing to add."""
+        if self.ranks_split_passes:
+            return
+        for index, shape in enumerate(self.shapes):
+            moments = self.moments[index]
+            if self.round == 0:
+                if moments.total is None:
+                    moments.total = torch.zeros(shape.n_neurons, dtype=torch.float64, device=self.device)
+                    moments.squares = torch.full((shape.n_neurons,), torch.nan, dtype=torch.float64, device=self.device)
+                moments.count = group.all_reduce_int(moments.count)
+                group.all_reduce(moments.total)
+            for layer in range(shape.n_layers):
+                if self.gram_passes.get((index, layer)) != self.pass_index:
+                    continue
+                if layer not in moments.gram:
+                    moments.gram[layer] = torch.zeros(
+                        shape.d_mlp, shape.d_mlp, dtype=self.accumulator_dtype, device=self.device
+                    )
+                group.all_reduce(moments.gram[layer])
+        for accumulator in self.accumulators.values():
+            group.all_reduce(accumulator)
+
+    def gather(self, group: Distributed) -> None:
+        """When the ranks split the passes, once every rank has made its own: merge every rank's results into
+        what one process making every pass holds, on every rank (once; a resumed run does not merge again).
+
+        A neuron's top-k partners are the best k of every rank's (a neuron of model a has candidates only on the
+        rank that closed its layer's block; one of model b, on every rank), ties broken by the lower index; its
+        best rotated unit is the largest of the ranks', the lower index on a tie (one process keeps the first it
+        meets, the lower layer). The sums of squares of each layer come from a rank that gathered its Gram
+        matrix (every rank gathers only those its own passes need): rank 0 writes the dead neurons from them.
+        """
+        if not self.ranks_split_passes or group.world_size == 1 or self.merged:
+            return
+        k = self.config.top_k
+        for key in sorted(self.results):
+            result = self.results[key]
+            values = torch.cat(group.all_gather(result.top_corr), dim=1)
+            indices = torch.cat(group.all_gather(result.top_index), dim=1)
+            order = indices.argsort(dim=1, stable=True)  # the lower index first among equal values
+            values, indices = values.gather(1, order), indices.gather(1, order)
+            order = values.argsort(dim=1, descending=True, stable=True)[:, :k]
+            result.top_corr, result.top_index = values.gather(1, order), indices.gather(1, order)
+            values = torch.stack(group.all_gather(result.baseline_corr))
+            indices = torch.stack(group.all_gather(result.baseline_index))
+            best = values.max(dim=0).values
+            chosen = torch.where(values == best, indices, torch.iinfo(torch.int64).max).min(dim=0).values
+            result.baseline_corr, result.baseline_index = best, chosen
+        for moments, shape in zip(self.moments, self.shapes, strict=True):
+            squares = moments.squares
+            if squares is None:  # a rank with no passes of its own gathered nothing
+                squares = torch.full((shape.n_neurons,), torch.nan, dtype=torch.float64, device=self.device)
+            merged = squares.clone()
+            for part in group.all_gather(squares):
+                merged = torch.where(merged.isnan(), part, merged)
+            moments.squares = merged
+        self.merged = True
+
     def _update_moments(self, index: int, shape: ModelShape, operand: torch.Tensor) -> None:
-        """In pass 0 the sums, by a ones-vector GEMM; in every pass the Gram matrices of the layers whose spreads
-        this pass's closing needs first, one GEMM per layer (their diagonals are the sums of squares)."""
+        """In the first pass the sums, by a ones-vector GEMM; in every pass the Gram matrices of the layers whose
+        spreads this pass's closing needs first, one GEMM per layer (their diagonals are the sums of squares)."""
         moments = self.moments[index]
-        if self.pass_index == 0:
+        if self.round == 0:
             if moments.total is None:
                 moments.total = torch.zeros(shape.n_neurons, dtype=torch.float64, device=self.device)
                 moments.squares = torch.full((shape.n_neurons,), torch.nan, dtype=torch.float64, device=self.device)
@@ -600,7 +728,7 @@ class CorrelationEngine:
         for block, accumulator in self.accumulators.items():
             self._finish_block(block, accumulator)
         self.accumulators = {}
-        self.pass_index += 1
+        self.round += 1
         self._pass_rows = 0
         if self.done:
             self._rotations = {}
@@ -684,6 +812,9 @@ class CorrelationEngine:
     def state_dict(self) -> dict[str, Any]:
         return {
             "pass_index": self.pass_index,
+            "round": self.round,
+            "schedule": self.schedule,
+            "merged": self.merged,
             "moments": [
                 {"shift": m.shift, "count": m.count, "total": m.total, "gram": m.gram, "squares": m.squares}
                 for m in self.moments
@@ -699,7 +830,9 @@ class CorrelationEngine:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.passes = [[LayerBlock(*key) for key in p] for p in state["passes"]]
-        self.pass_index = state["pass_index"]
+        self.schedule = list(state.get("schedule", range(len(self.passes))))
+        self.round = state.get("round", state["pass_index"])  # one process: the passes done so far
+        self.merged = state.get("merged", False)
         device = self.device
 
         def moved(value: torch.Tensor | None) -> torch.Tensor | None:

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from precompute.distributed import Distributed
+
 
 class StreamingMoments:
     """Exact streaming mean, variance, skew and kurtosis per column from float64 power sums.
@@ -68,6 +70,11 @@ class StreamingMoments:
         """Non-excess kurtosis (a Gaussian gives 3); NaN for a constant column."""
         m2, _, m4 = self.central()
         return torch.where(m2 > 0, m4 / m2.clamp_min(1e-300) ** 2, torch.nan)
+
+    def reduce(self, group: Distributed) -> None:
+        """Add up the ranks' counts and power sums (`precompute.distributed`): the moments of all their rows."""
+        self.n = group.all_reduce_int(self.n)
+        group.all_reduce(self.sums)
 
     def state_dict(self) -> dict[str, Any]:
         return {"n": self.n, "sums": self.sums}

@@ -17,6 +17,15 @@ memory (`plan_memory`, issue 11): the models, one batch, and what every stage de
 rows for the correlation accumulators, the token tables and the feature sums; smaller batches). A run that does
 not fit however it is split is refused before the DB exists; the plan is logged as a table and kept in the run
 record (``runs.environment["memory_plan"]``, outside the hashed configuration, with the measured peak).
+
+Under torchrun (`precompute.distributed`, docs/distributed.md) every rank plans, loads and validates the same way;
+rank 0 opens the store, finds or creates the run and tells the others its id and split. The batches are dealt out
+in turn (rank 0 reads the first: the stages' pilot), each rank folds its own into its stages, and before each pass
+closes the stages combine their state across the ranks (`Stage.reduce`). The correlation passes of a run split into
+several are split between the ranks instead: each rank makes its own over every row, while the other stages go on
+reading their share, and the ranks' results are merged when all are done (`Stage.reads_every_row`, `Stage.gather`,
+docs/distributed.md). Checkpoints are per rank, written together, and a run resumes only from a set written at one
+moment by as many ranks. Rank 0 alone writes the tables; the other ranks end when the streaming does.
 """
 
 from __future__ import annotations
@@ -28,16 +37,17 @@ import os
 import platform
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from precompute.activations import HookKind, batch_bytes, stream_batches
+from precompute.activations import ActivationBatch, HookKind, batch_bytes, stream_batches
 from precompute.correlation import CorrelationConfig, model_pairs
 from precompute.data import DatasetConfig, TokenDataset, build_dataset
+from precompute.distributed import Distributed
 from precompute.memory import (
     DEFAULT_SHARE,
     GIB,
@@ -53,7 +63,7 @@ from precompute.memory import (
 from precompute.models import LoadedModel, decoded_vocab, load_family
 from precompute.presets import PRESETS
 from precompute.stage_config import ConfigError, stage_config
-from precompute.stages import DEFAULT_STAGES, STAGES_BY_NAME, RunContext, RunInputs, Stage
+from precompute.stages import DEFAULT_STAGES, STAGES_BY_NAME, CorrelationStage, RunContext, RunInputs, Stage
 from precompute.store import AtlasStore, config_hash
 
 logger = logging.getLogger(__name__)
@@ -152,8 +162,15 @@ def _git_commit() -> str | None:
         return None
 
 
-def checkpoint_path(db: Path, run_id: int) -> Path:
-    return db.with_name(db.name + ".checkpoints") / f"run-{run_id}.pt"
+def checkpoint_path(db: Path, run_id: int, rank: int = 0) -> Path:
+    """Where a run's streaming state is kept: ``run-<id>.pt``, and ``run-<id>.rank-<r>.pt`` for the other ranks
+    of a distributed run.
+
+    >>> checkpoint_path(Path("atlas.db"), 1, rank=1).as_posix()
+    'atlas.db.checkpoints/run-1.rank-1.pt'
+    """
+    name = f"run-{run_id}.pt" if rank == 0 else f"run-{run_id}.rank-{rank}.pt"
+    return db.with_name(db.name + ".checkpoints") / name
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -192,13 +209,15 @@ def memory_pricer(
     budget: int,
     held: int,
     runtime: int = 0,
+    world_size: int = 1,
 ) -> Callable[[Split], MemoryPlan]:
-    """The plan of any split of this run: the models (``held`` bytes), one batch, and every stage's declaration."""
+    """The plan of any split of this run: the models (``held`` bytes), one batch, and every stage's declaration
+    (per rank: in a run of ``world_size`` ranks, what the rank that holds the most holds)."""
     classes = [STAGES_BY_NAME[name] for name in config.stages]
     kinds = frozenset[HookKind]().union(*(c.hooks for c in classes))
 
     def price(candidate: Split) -> MemoryPlan:
-        inputs = RunInputs(config=config, models=models, dataset=dataset, split=candidate)
+        inputs = RunInputs(config=config, models=models, dataset=dataset, split=candidate, world_size=world_size)
         rows = min(candidate.batch_rows or dataset.config.batch_size, dataset.n_rows)
         batch = batch_bytes(models, len(kinds), rows, dataset.ctx, "hook_pre" in kinds) if kinds else 0
         stages = {c.name: c.memory_bytes(inputs) for c in classes}
@@ -226,9 +245,14 @@ def fit_plan(
 
 
 def plan_memory(
-    config: PrecomputeConfig, models: list[LoadedModel], dataset: TokenDataset, split: Split | None = None
+    config: PrecomputeConfig,
+    models: list[LoadedModel],
+    dataset: TokenDataset,
+    split: Split | None = None,
+    world_size: int = 1,
 ) -> MemoryPlan:
-    """The run's memory plan under its budget: the given split, or the cheapest that fits.
+    """The run's memory plan under its budget (a rank's, in a run of ``world_size`` ranks): the given split, or
+    the cheapest that fits.
 
     Raises:
         MemoryBudgetError: nothing fits; the message gives the least budget that would.
@@ -239,59 +263,107 @@ def plan_memory(
     else:  # the models are loaded already: a share of what is left, plus them
         budget = held + int(DEFAULT_SHARE * available_bytes(config.device))
     runtime = max(0, resident_bytes() - held) if not config.device.startswith("cuda") else 0
-    price = memory_pricer(config, models, dataset, budget, held, runtime)
+    price = memory_pricer(config, models, dataset, budget, held, runtime, world_size)
     return price(split) if split is not None else fit_plan(price, config, models)
 
 
-def run_precompute(config: PrecomputeConfig) -> int:
-    """Run (or resume) a precompute and return its run id."""
+def run_precompute(config: PrecomputeConfig, group: Distributed | None = None) -> int:
+    """Run (or resume) a precompute and return its run id.
+
+    Args:
+        group: the ranks of a distributed run (`precompute.distributed.process_group`); None: this process alone.
+            Every rank streams its share of the batches; rank 0 alone opens the store and writes the tables.
+    """
+    group = group or Distributed()
     map_large_allocations()  # so that freed temporaries leave the process, as the memory plan assumes
     models, dataset = prepare(config)
     trim_heap()  # what loading freed, before the plan measures the runtime
-    plan = plan_memory(config, models, dataset)  # a run that cannot fit is refused here, before the DB exists
+    if not group.is_main:
+        return _follow(config, group, models, dataset)
+    # a run that cannot fit is refused here, before the DB exists
+    plan = plan_memory(config, models, dataset, world_size=group.world_size)
     logger.info("memory plan (budget %s):\n%s", size_text(plan.budget), plan.table())
     store = AtlasStore(config.db)
     try:
-        return _run(config, store, models, dataset, plan)
+        return _run(config, store, models, dataset, plan, group)
     finally:
         store.close()
 
 
+def _follow(config: PrecomputeConfig, group: Distributed, models: list[LoadedModel], dataset: TokenDataset) -> int:
+    """A rank other than 0: stream its share of the batches of rank 0's run, with rank 0's split (the plan is per
+    rank, but every rank must cut the work alike), then end: rank 0 writes the tables."""
+    message: dict[str, Any] = group.broadcast_object({})  # rank 0's
+    run_id = int(message["run_id"])
+    if message["split"] is None:  # the run is complete already
+        return run_id
+    split = Split(message["split"]["passes"], message["split"]["batch_rows"])
+    plan = plan_memory(config, models, dataset, split, world_size=group.world_size)
+    if not plan.fits:
+        logger.warning("rank 0's split needs %s here, over this rank's budget", size_text(plan.total))
+    inputs = RunInputs(
+        config=config, models=models, dataset=dataset, split=split, rank=group.rank, world_size=group.world_size
+    )
+    _stream_stages(inputs, config, checkpoint_path(config.db, run_id, group.rank), group)
+    logger.info("streaming done: rank 0 writes the tables of run %s", run_id)
+    return run_id
+
+
 def _run(
-    config: PrecomputeConfig, store: AtlasStore, models: list[LoadedModel], dataset: TokenDataset, plan: MemoryPlan
+    config: PrecomputeConfig,
+    store: AtlasStore,
+    models: list[LoadedModel],
+    dataset: TokenDataset,
+    plan: MemoryPlan,
+    group: Distributed,
 ) -> int:
     record = config.record()
     digest = config_hash(record)
     existing = store.find_run(digest)
     if existing and existing["status"] == "complete" and set(config.stages) <= set(existing["stages"] or []):
         logger.info("run %s with this configuration is already complete in %s", existing["id"], config.db)
+        group.broadcast_object({"run_id": int(existing["id"]), "split": None})
         return int(existing["id"])
     if existing:
         run_id = int(existing["id"])
         logger.info("resuming run %s (status %s)", run_id, existing["status"])
         store.update_run(run_id, status="running", error=None)
     else:
-        run_id = store.create_run(record, environment_record(config.device), dataset.description)
+        environment = environment_record(config.device)
+        if group.world_size > 1:
+            environment["world_size"] = group.world_size
+        run_id = store.create_run(record, environment, dataset.description)
     store.update_run(run_id, tokens_seen=dataset.tokens_seen, tokens_counted=dataset.tokens_counted)
     model_ids = {
         m.name: store.add_model(run_id, position=i, is_reference=(i == 0), **m.record()) for i, m in enumerate(models)
     }
     store.write_vocab(run_id, decoded_vocab(models[0].tokenizer, models[0].d_vocab))
-    plan = _resumable_plan(config, models, dataset, plan, checkpoint_path(config.db, run_id))
+    plan = _resumable_plan(config, models, dataset, plan, checkpoint_path(config.db, run_id), group.world_size)
+    group.broadcast_object({"run_id": run_id, "split": plan.split.record()})
     _record_plan(store, run_id, plan)
     context = RunContext(
-        config=config, models=models, dataset=dataset, store=store, run_id=run_id, model_ids=model_ids, split=plan.split
+        config=config,
+        models=models,
+        dataset=dataset,
+        store=store,
+        run_id=run_id,
+        model_ids=model_ids,
+        split=plan.split,
+        world_size=group.world_size,
     )
     try:
-        _run_stages(context, config)
+        _run_stages(context, config, group)
         _record_plan(store, run_id, plan, measured_peak=_peak_resident_bytes())
     except BaseException as exc:
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
         store.fail_run(run_id, reason)
         raise
     store.finish_run(run_id)
+    store.compact()  # VACUUM: rewritten tables leave free pages (issue 11)
     checkpoint = checkpoint_path(config.db, run_id)
     checkpoint.unlink(missing_ok=True)
+    for rank in range(1, group.world_size):  # the other ranks' (on a shared file system)
+        checkpoint_path(config.db, run_id, rank).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         checkpoint.parent.rmdir()
     logger.info("run %s complete: %s", run_id, config.db)
@@ -299,7 +371,12 @@ def _run(
 
 
 def _resumable_plan(
-    config: PrecomputeConfig, models: list[LoadedModel], dataset: TokenDataset, plan: MemoryPlan, checkpoint: Path
+    config: PrecomputeConfig,
+    models: list[LoadedModel],
+    dataset: TokenDataset,
+    plan: MemoryPlan,
+    checkpoint: Path,
+    world_size: int = 1,
 ) -> MemoryPlan:
     """The split of an interrupted run's checkpoint when it still fits the budget (the stages' state in it is cut
     that way), else this plan: the checkpoint is then of no use and the run starts over."""
@@ -308,7 +385,7 @@ def _resumable_plan(
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("split")
     if saved is None or saved == plan.split.record():
         return plan
-    resumed = plan_memory(config, models, dataset, Split(saved["passes"], saved["batch_rows"]))
+    resumed = plan_memory(config, models, dataset, Split(saved["passes"], saved["batch_rows"]), world_size)
     if resumed.fits:
         logger.info("resuming with the checkpoint's split: %s", saved)
         return resumed
@@ -329,93 +406,35 @@ def _record_plan(store: AtlasStore, run_id: int, plan: MemoryPlan, measured_peak
     store.update_run(run_id, environment=environment)
 
 
+def _record_ranks(context: RunContext, stages: Sequence[Stage], group: Distributed) -> None:
+    """Keep in the run's environment record how many ranks streamed it and, when the ranks split a stage's passes
+    between them (`CorrelationStage.passes_by_rank`), which passes each rank made."""
+    environment = dict(context.store.get_run(context.run_id)["environment"] or {})
+    environment.pop("passes_by_rank", None)
+    if group.world_size > 1:
+        environment["world_size"] = group.world_size
+        by_rank = {
+            stage.name: passes
+            for stage in stages
+            if isinstance(stage, CorrelationStage) and (passes := stage.passes_by_rank(group.world_size))
+        }
+        if by_rank:
+            environment["passes_by_rank"] = by_rank
+    else:
+        environment.pop("world_size", None)
+    context.store.update_run(context.run_id, environment=environment)
+
+
 def write_stage(stage: Stage, context: RunContext) -> None:
     """Delete the rows the stage's tables hold for the run's models, then let the stage write them again."""
     context.store.clear_model_tables(context.model_ids.values(), stage.tables)
     stage.write(context)
 
 
-def _run_stages(context: RunContext, config: PrecomputeConfig) -> None:
-    stages: list[Stage] = [STAGES_BY_NAME[name](context) for name in config.stages]
-    checkpoint = checkpoint_path(config.db, context.run_id)
-    rows_done = 0
-    seconds: dict[str, float] = {stage.name: 0.0 for stage in stages}
-    seconds["forward"] = 0.0
-    if checkpoint.exists():
-        # mapped, not read: each stage's state is replaced by the checkpoint's without holding both in memory
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-        same_split = state.get("split", context.split.record()) == context.split.record()
-        if (
-            state["stages"].keys() == {s.name for s in stages}
-            and state["dataset"] == context.dataset.fingerprint()
-            and same_split
-        ):
-            rows_done = state["rows_done"]
-            seconds = state["seconds"]
-            for stage in stages:
-                stage.load_state_dict(state["stages"][stage.name])
-            logger.info("resuming from checkpoint at row %s", rows_done)
-
-    def save() -> float:
-        """Write the checkpoint; returns the seconds to wait before the next one.
-
-        Never less than ten times what this save took, so a large state (GPT-2-sized accumulators are tens of
-        GB) is not written more than a tenth of the time, whatever --checkpoint-seconds says.
-        """
-        save_started = time.monotonic()
-        _save_checkpoint(
-            checkpoint,
-            {
-                "rows_done": rows_done,
-                "seconds": seconds,
-                "dataset": context.dataset.fingerprint(),
-                "split": context.split.record(),
-                "stages": {stage.name: stage.state_dict() for stage in stages},
-            },
-        )
-        return max(config.checkpoint_seconds, 10 * (time.monotonic() - save_started))
-
-    interval = config.checkpoint_seconds
-    last_save = time.monotonic()
-    while True:
-        active = [s for s in stages if s.hooks and not s.done_streaming]
-        if not active:
-            break
-        kinds: list[HookKind] = sorted(frozenset[HookKind]().union(*(s.hooks for s in active)))
-        started = time.perf_counter()
-        for batch in stream_batches(
-            context.models,
-            context.dataset,
-            kinds,
-            rows_done,
-            config.device,
-            description="+".join(s.name for s in active),
-            batch_rows=context.split.batch_rows,
-        ):
-            seconds["forward"] += time.perf_counter() - started
-            for stage in active:
-                stage_started = time.perf_counter()
-                stage.update(batch)
-                seconds[stage.name] += time.perf_counter() - stage_started
-            rows_done = batch.row_start + batch.tokens.shape[0]
-            del batch  # closing the pass (and the checkpoint) need the batch's memory: its plan has none
-            if time.monotonic() - last_save > interval:
-                interval = save()
-                last_save = time.monotonic()
-            started = time.perf_counter()
-        for stage in active:
-            stage_started = time.perf_counter()
-            stage.finish_pass()
-            seconds[stage.name] += time.perf_counter() - stage_started
-        rows_done = 0
-        logger.info("pass over the rows done: %s", ", ".join(s.name for s in active))
-        streaming = any(s.hooks and not s.done_streaming for s in stages)
-        # the end of the last pass is always kept (writing can then be retried without streaming); between passes
-        # the interval rule holds, as within a pass: a split run's state is GBs, written once per pass it cost
-        # more than the passes (issue 11)
-        if not streaming or time.monotonic() - last_save > interval:
-            interval = save()
-            last_save = time.monotonic()
+def _run_stages(context: RunContext, config: PrecomputeConfig, group: Distributed | None = None) -> None:
+    group = group or Distributed()
+    stages, seconds = _stream_stages(context, config, checkpoint_path(config.db, context.run_id), group)
+    _record_ranks(context, stages, group)
     while stages:  # each stage is dropped once written: the plan's writing phase counts only the rest
         stage = stages.pop(0)
         stage_started = time.perf_counter()
@@ -426,3 +445,188 @@ def _run_stages(context: RunContext, config: PrecomputeConfig) -> None:
         del stage
         trim_heap()
     context.store.record_timing(context.run_id, "forward", seconds["forward"])
+
+
+def _resume_point(path: Path, inputs: RunInputs, stages: Sequence[Stage], group: Distributed) -> dict | None:
+    """The checkpoint to resume from, or None: it must be of these stages, dataset and split, and in a
+    distributed run every rank's must be from the same save by as many ranks (the files are replaced together,
+    but a kill can fall between two replacements: then the streaming starts over)."""
+    state = None
+    if path.exists():
+        # mapped, not read: each stage's state is replaced by the checkpoint's without holding both in memory
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        usable = (
+            state["stages"].keys() == {s.name for s in stages}
+            and state["dataset"] == inputs.dataset.fingerprint()
+            and state.get("split", inputs.split.record()) == inputs.split.record()
+            and state.get("world_size", 1) == group.world_size
+        )
+        state = state if usable else None
+    moment = None if state is None else (state["rows_done"], state.get("saves", 0))
+    moments = group.all_gather_object(moment)
+    if moment is not None and all(m == moment for m in moments):
+        return state
+    if group.world_size > 1 and any(m is not None for m in moments):
+        logger.warning("the ranks' checkpoints are not of one moment (%s): streaming from the start", moments)
+    return None
+
+
+def _batches_after(held: list[ActivationBatch], rest: Iterator[ActivationBatch]) -> Iterator[ActivationBatch]:
+    """The held batch (popped, so nothing else keeps it once it is folded in), then the rest."""
+    while held:
+        yield held.pop()
+    yield from rest
+
+
+def _rank_batches(
+    inputs: RunInputs,
+    config: PrecomputeConfig,
+    active: Sequence[Stage],
+    rows_done: int,
+    group: Distributed,
+    every_row: bool,
+    own_rows: bool,
+) -> Iterator[ActivationBatch]:
+    """This rank's batches of a pass from ``rows_done`` on, for the ``active`` stages (none: no batches).
+
+    Args:
+        every_row: every batch (a pass of this rank's own), as one process reads them.
+        own_rows: the pass is one in which some rank reads every row (the steps are of one batch): without
+            ``every_row``, this rank reads the batches of index r, r + N, ... (counted from the dataset's first),
+            as in a pass whose rows are dealt out. Otherwise the batches are dealt out from ``rows_done`` on.
+    """
+    if not active:
+        return iter(())
+    rows_per_batch = inputs.split.batch_rows or inputs.dataset.config.batch_size
+    rank, world_size, start = group.rank, group.world_size, rows_done
+    if every_row:
+        rank, world_size = 0, 1
+    elif own_rows:  # the dealing must not shift with the row a resumed pass starts at
+        first = -(-rows_done // rows_per_batch)
+        first += (group.rank - first) % group.world_size  # this rank's first batch from rows_done on
+        start = (first - group.rank) * rows_per_batch
+    kinds: list[HookKind] = sorted(frozenset[HookKind]().union(*(s.hooks for s in active)))
+    return stream_batches(
+        inputs.models,
+        inputs.dataset,
+        kinds,
+        start,
+        config.device,
+        description="+".join(s.name for s in active),
+        batch_rows=inputs.split.batch_rows,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def _stream_stages(
+    inputs: RunInputs, config: PrecomputeConfig, checkpoint: Path, group: Distributed
+) -> tuple[list[Stage], dict[str, float]]:
+    """Build the stages and stream this rank's batches through them until every stage is done, checkpointing
+    (resumed from the checkpoint when it is usable); returns the stages and the seconds each took.
+
+    Several ranks take the same steps of every pass: a step of one batch per rank when the rows are dealt out,
+    or of one batch when some rank makes a pass of its own over every row (`Stage.reads_every_row`). Once no
+    rank streams, the stages merge what the ranks made apart (`Stage.gather`) before the last checkpoint."""
+    stages: list[Stage] = [STAGES_BY_NAME[name](inputs) for name in config.stages]
+    rows_done, saves = 0, 0  # rows_done: the first row of the next step (every rank's next batch follows it)
+    seconds: dict[str, float] = {stage.name: 0.0 for stage in stages}
+    seconds["forward"] = 0.0
+    state = _resume_point(checkpoint, inputs, stages, group)
+    if state is not None:
+        rows_done, saves = state["rows_done"], state.get("saves", 0)
+        seconds = state["seconds"]
+        for stage in stages:
+            stage.load_state_dict(state["stages"][stage.name])
+        logger.info("resuming from checkpoint at row %s", rows_done)
+    del state
+    needs_pilot = group.world_size > 1 and rows_done == 0 and saves == 0  # a fresh start of several ranks
+
+    def save() -> float:
+        """Write the checkpoint; returns the seconds to wait before the next one.
+
+        Never less than ten times what this save took, so a large state (GPT-2-sized accumulators are tens of
+        GB) is not written more than a tenth of the time, whatever --checkpoint-seconds says.
+        """
+        nonlocal saves
+        saves += 1
+        save_started = time.monotonic()
+        payload = {
+            "rows_done": rows_done,
+            "seconds": seconds,
+            "dataset": inputs.dataset.fingerprint(),
+            "split": inputs.split.record(),
+            "world_size": group.world_size,
+            "saves": saves,
+            "stages": {stage.name: stage.state_dict() for stage in stages},
+        }
+        if group.world_size == 1:
+            _save_checkpoint(checkpoint, payload)
+        else:  # every rank writes its file aside, then all replace theirs: the files on disk are of one moment
+            staged = checkpoint.with_name(checkpoint.name + ".staged")
+            _save_checkpoint(staged, payload)
+            group.barrier()
+            os.replace(staged, checkpoint)
+        return max(config.checkpoint_seconds, 10 * (time.monotonic() - save_started))
+
+    rows_per_batch = inputs.split.batch_rows or inputs.dataset.config.batch_size
+    interval = config.checkpoint_seconds
+    last_save = time.monotonic()
+    while True:
+        active = [s for s in stages if s.hooks and not s.done_streaming]
+        whole = [s for s in active if s.reads_every_row]  # passes of this rank's own: every batch
+        # the ranks agree on the pass: none streams (done), the rows are dealt out, or some rank makes passes of
+        # its own over every row (the correlations when the ranks split its passes). In such a pass every rank
+        # takes a step per batch and the other stages still read only the rank's share (batch index % N == r).
+        mode = group.all_reduce_int(2 if whole else int(bool(active)), "max")
+        if mode == 0:
+            break
+        own_rows = mode == 2
+        step = rows_per_batch if own_rows else rows_per_batch * group.world_size  # every rank's batches of a step
+        started = time.perf_counter()
+        batches = _rank_batches(inputs, config, active, rows_done, group, every_row=bool(whole), own_rows=own_rows)
+        if needs_pilot:  # rank 0's first batch is the dataset's first: every rank's pilot (a shift, bin edges)
+            held = [first] if group.is_main and (first := next(batches, None)) is not None else []
+            for stage in (s for s in stages if s.hooks):  # a rank without a pass of its own still takes part
+                stage.share_pilot(group, held[0] if held else None)
+            batches, needs_pilot = _batches_after(held, batches), False
+            del held
+        # every rank takes the same steps (in the last, some may have no batch), so they checkpoint together
+        for step_start in range(rows_done, inputs.dataset.n_rows, step):
+            # a step of one batch: is it this rank's share (for the stages that split the rows)?
+            mine = not own_rows or (step_start // rows_per_batch) % group.world_size == group.rank
+            batch = next(batches, None) if (whole or mine) and active else None
+            if batch is not None:
+                seconds["forward"] += time.perf_counter() - started
+                for stage in active:
+                    if not mine and not stage.reads_every_row:
+                        continue
+                    stage_started = time.perf_counter()
+                    stage.update(batch)
+                    seconds[stage.name] += time.perf_counter() - stage_started
+            rows_done = min(step_start + step, inputs.dataset.n_rows)
+            del batch  # closing the pass (and the checkpoint) need the batch's memory: its plan has none
+            if group.agree(time.monotonic() - last_save > interval):
+                interval = save()
+                last_save = time.monotonic()
+            started = time.perf_counter()
+        next(batches, None)  # the end of the batches: their progress bar closes
+        for stage in active:
+            stage_started = time.perf_counter()
+            if group.world_size > 1:
+                stage.reduce(group)  # every rank's share of the pass, combined before the pass closes
+            stage.finish_pass()
+            seconds[stage.name] += time.perf_counter() - stage_started
+        rows_done = 0
+        logger.info("pass over the rows done: %s", ", ".join(s.name for s in active) or "(none on this rank)")
+        streaming = bool(group.all_reduce_int(int(any(s.hooks and not s.done_streaming for s in stages)), "max"))
+        if not streaming and group.world_size > 1:  # every rank's passes made: merge what they made apart
+            for stage in stages:
+                stage.gather(group)
+        # the end of the last pass is always kept (writing can then be retried without streaming); between passes
+        # the interval rule holds, as within a pass: a split run's state is GBs, written once per pass it cost
+        # more than the passes (issue 11)
+        if group.agree(not streaming or time.monotonic() - last_save > interval):
+            interval = save()
+            last_save = time.monotonic()
+    return stages, seconds

@@ -15,6 +15,8 @@ import hashlib
 import json
 import logging
 import sqlite3
+import struct
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from math import isfinite
@@ -41,7 +43,6 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
-    func,
     insert,
     select,
     update,
@@ -145,6 +146,7 @@ partner_scores = Table(
     Column("baseline_corr", Float, nullable=False, comment="max correlation with any rotated partner unit"),
     Column("baseline_layer", Integer, nullable=False),
     Column("baseline_unit", Integer, nullable=False),
+    sqlite_with_rowid=False,  # revision 0005: the primary key is the table
 )
 
 matches = Table(
@@ -158,6 +160,7 @@ matches = Table(
     Column("partner_layer", Integer, nullable=False),
     Column("partner_neuron", Integer, nullable=False),
     Column("corr", Float, nullable=False),
+    sqlite_with_rowid=False,  # revision 0005: the primary key is the table
 )
 Index("ix_matches_partner", matches.c.partner_model_id, matches.c.partner_layer, matches.c.partner_neuron)
 
@@ -212,6 +215,7 @@ activation_stats = Table(
     Column("post_kurt", Float),
     Column("post_min", Float),
     Column("post_max", Float),
+    sqlite_with_rowid=False,  # revision 0005: the primary key is the table
 )
 
 histograms = Table(
@@ -224,7 +228,14 @@ histograms = Table(
     Column("low", Float, nullable=False, comment="left edge of the first regular bin"),
     Column("high", Float, nullable=False, comment="right edge of the last regular bin"),
     Column("n_bins", Integer, nullable=False, comment="regular bins between low and high"),
-    Column("counts", LargeBinary, nullable=False, comment="int64[n_bins + 2]: underflow, bins..., overflow"),
+    Column(
+        "counts",
+        LargeBinary,
+        nullable=False,
+        comment="`encode_counts` of uint[n_bins + 2] (underflow, bins..., overflow): one byte giving the width, "
+        "then the zlib-compressed counts in the narrowest unsigned width that holds the largest (revision 0005)",
+    ),
+    sqlite_with_rowid=False,
 )
 
 position_profiles = Table(
@@ -234,8 +245,18 @@ position_profiles = Table(
     Column("layer", Integer, primary_key=True),
     Column("neuron", Integer, primary_key=True),
     Column("hook", String, primary_key=True, comment="hook_pre | hook_post"),
-    Column("mean", LargeBinary, nullable=False, comment="float32[ctx]: mean activation at each position"),
-    Column("std", LargeBinary, nullable=False, comment="float32[ctx]: standard deviation at each position"),
+    Column("mean", LargeBinary, nullable=False, comment="`encode_u8` of float[ctx]: mean activation at each position"),
+    Column(
+        "std", LargeBinary, nullable=False, comment="`encode_u8` of float[ctx]: the standard deviation at each position"
+    ),
+    sqlite_with_rowid=False,
+)
+
+# revision 0005: the counted tokens at each position are the same for every neuron of a model: stored once.
+position_counts = Table(
+    "position_counts",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
     Column("count", LargeBinary, nullable=False, comment="int64[ctx]: counted tokens at each position"),
 )
 
@@ -255,6 +276,18 @@ weight_stats = Table(
     Column("vocab_skew", Float, nullable=False),
     Column("vocab_kurt", Float, nullable=False, comment="non-excess: a random direction gives about 3"),
     Column("null_space_fraction", Float, comment="share of |w_out|^2 in W_U's near-null space"),
+    sqlite_with_rowid=False,  # revision 0005: the primary key is the table
+)
+
+# revision 0005: one row per neuron, the percentiles of the model's statistics (``percentile_statistics``) in an
+# array, instead of one row per (neuron, statistic).
+percentile_statistics = Table(
+    "percentile_statistics",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("position", Integer, primary_key=True, comment="the index in ``percentiles.percentiles``"),
+    Column("statistic", String, nullable=False, comment="a column of activation_stats or weight_stats"),
+    sqlite_with_rowid=False,
 )
 
 percentiles = Table(
@@ -263,10 +296,18 @@ percentiles = Table(
     Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
     Column("layer", Integer, primary_key=True),
     Column("neuron", Integer, primary_key=True),
-    Column("statistic", String, primary_key=True, comment="a column of activation_stats or weight_stats"),
-    Column("percentile", Float, nullable=False, comment="0-100 within the neuron's layer (paper Fig. 3)"),
+    Column(
+        "percentiles",
+        LargeBinary,
+        nullable=False,
+        comment="`encode_array` of float[statistics]: 0-100 within the neuron's layer (paper Fig. 3) of each of "
+        "the model's ``percentile_statistics``, NaN where the statistic is not finite",
+    ),
+    sqlite_with_rowid=False,
 )
 
+# revision 0005: one row per (neuron, kind), its ranked tokens as arrays, for the neuron page; the token search
+# reads ``token_postings`` instead (the one structure keyed by token).
 token_tables = Table(
     "token_tables",
     metadata,
@@ -275,17 +316,37 @@ token_tables = Table(
     Column("neuron", Integer, primary_key=True),
     Column(
         "kind",
-        String,
+        Integer,
         primary_key=True,
-        comment="unembed_top | unembed_bottom (W_U w_out), embed_top (W_E w_in), mean_activation, max_activation",
+        comment="the index in TOKEN_TABLE_KINDS: 0 unembed_top, 1 unembed_bottom (W_U w_out), 2 embed_top "
+        "(W_E w_in), 3 mean_activation, 4 max_activation",
     ),
-    Column("rank", Integer, primary_key=True),
-    Column("token_id", Integer, nullable=False),
-    Column("value", Float, nullable=False),
-    Column("count", Integer, comment="occurrences among counted tokens (activation tables)"),
+    Column("token_ids", LargeBinary, nullable=False, comment="`encode_array` of uint[k]: token ids, best first"),
+    Column("token_values", LargeBinary, nullable=False, comment="`encode_array` of float[k]: their values"),
+    Column(
+        "counts", LargeBinary, comment="`encode_array` of uint[k]: occurrences among counted tokens (activation tables)"
+    ),
+    sqlite_with_rowid=False,
 )
-Index("ix_token_tables_token", token_tables.c.model_id, token_tables.c.kind, token_tables.c.token_id)
 
+# revision 0005: the token search's postings, one row per (model, kind, token): the neurons whose table lists the
+# token (`posting_columns`): one primary-key lookup per searched model, kind and token.
+token_postings = Table(
+    "token_postings",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("kind", Integer, primary_key=True, comment="as token_tables.kind"),
+    Column("token_id", Integer, primary_key=True),
+    Column(
+        "postings",
+        LargeBinary,
+        nullable=False,
+        comment="`POSTING` records (uint32 layer * d_mlp + neuron, uint8 rank) by neuron: the neurons whose "
+        "table of this kind lists the token, and where",
+    ),
+)  # a rowid table, as ``examples``: postings of up to a page stay on it
+
+# revision 0005: one row per (neuron, kind), every example of it as arrays in (bin, rank) order (`example_columns`).
 examples = Table(
     "examples",
     metadata,
@@ -293,26 +354,53 @@ examples = Table(
     Column("layer", Integer, primary_key=True),
     Column("neuron", Integer, primary_key=True),
     Column("kind", String, primary_key=True, comment="top | quantile | random"),
-    Column("rank", Integer, primary_key=True, comment="order within (kind, bin)"),
-    Column("bin", Integer, primary_key=True, comment="quantile bin index (0 for top and random)"),
-    Column("bin_low", Float, comment="activation range of the quantile bin"),
-    Column("bin_high", Float),
-    Column("bin_fraction", Float, comment="share of counted tokens in the bin"),
-    Column("dataset_row", Integer, nullable=False),
-    Column("start", Integer, nullable=False, comment="position in the row of the snippet's first token"),
-    Column("peak", Integer, nullable=False, comment="index in the snippet of the example's token"),
-    Column("activation", Float, nullable=False, comment="hook_post at the example's token"),
-    Column("token_ids", LargeBinary, nullable=False, comment="int32[snippet]"),
-    Column("activations", LargeBinary, nullable=False, comment="float16[snippet]: hook_post of every token"),
+    Column("n_examples", Integer, nullable=False, comment="the examples in the row"),
+    Column("ranks", LargeBinary, nullable=False, comment="`encode_array` of uint[n]: order within (kind, bin)"),
+    Column("bins", LargeBinary, nullable=False, comment="`encode_array` of uint[n]: quantile bin (0 for top, random)"),
+    Column(
+        "bin_ranges",
+        LargeBinary,
+        comment="`encode_array` of float64[bins, 4]: each quantile bin's (bin, low, high, share of counted tokens), "
+        "NaN for a missing edge; NULL for top and random",
+    ),
+    Column("dataset_rows", LargeBinary, nullable=False, comment="`encode_array` of uint[n]; tokens: ``example_rows``"),
+    Column("starts", LargeBinary, nullable=False, comment="`encode_array` of uint[n]: the snippet's first position"),
+    Column("peaks", LargeBinary, nullable=False, comment="`encode_array` of uint[n]: the example's index in it"),
+    Column("activations", LargeBinary, nullable=False, comment="`encode_array` of float[n]: hook_post at the example"),
+    Column("lengths", LargeBinary, nullable=False, comment="`encode_array` of uint[n]: the snippets' lengths"),
+    Column(
+        "snippets",
+        LargeBinary,
+        nullable=False,
+        comment="the snippets' `encode_u8` BLOBs one after the other: hook_post of every token of each",
+    ),
 )
-# revision 0004 (search, issue 10): the top examples by the token they peak on (4 bytes of the int32 BLOB at
-# ``peak * 4``), so a token search counts a neuron's top examples on the token without scanning the table. A
-# partial index: only ``kind = 'top'`` rows. Queries spell the expression exactly so (app/queries/search.py).
-Index(
-    "ix_examples_top_peak",
-    examples.c.model_id,
-    func.substr(examples.c.token_ids, examples.c.peak * 4 + 1, 4),
-    sqlite_where=examples.c.kind == "top",
+# A rowid table, not WITHOUT ROWID: a row of about a kilobyte stays on its page (a WITHOUT ROWID table's rows
+# over ~1,000 bytes of a 4 KB page spill into an overflow page of their own, most of it empty).
+
+# revision 0005 (search, issue 10): the top examples by the token they peak on, so a token search counts a
+# neuron's top examples on the token without reading the examples. The primary key is the table.
+example_peaks = Table(
+    "example_peaks",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("peak_token", Integer, primary_key=True, comment="the token id at the top example's peak"),
+    Column("layer", Integer, primary_key=True),
+    Column("neuron", Integer, primary_key=True),
+    Column("rank", Integer, primary_key=True, comment="the top example's rank"),
+    Column("activation", Float, nullable=False, comment="hook_post at the peak"),
+    sqlite_with_rowid=False,
+)
+
+# revision 0005: the token ids of the dataset rows the examples are snippets of, once per model and row (not
+# once per example); the width is the narrowest that holds the model's vocabulary (`token_itemsize`).
+example_rows = Table(
+    "example_rows",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("dataset_row", Integer, primary_key=True),
+    Column("itemsize", Integer, nullable=False, comment="bytes per token id: 2 (d_vocab <= 65536) or 4"),
+    Column("token_ids", LargeBinary, nullable=False, comment="uint16 or uint32 [ctx]: the row's token ids"),
 )
 
 families = Table(
@@ -334,13 +422,12 @@ families = Table(
 )
 Index("ix_families_family", families.c.model_id, families.c.family)
 
-feature_scores = Table(
-    "feature_scores",
+# revision 0005: the features a model's neurons list, once per model; ``feature_scores`` names them by id.
+feature_names = Table(
+    "feature_names",
     metadata,
     Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
-    Column("layer", Integer, primary_key=True),
-    Column("neuron", Integer, primary_key=True),
-    Column("rank", Integer, primary_key=True),
+    Column("feature_id", Integer, primary_key=True),
     Column("feature", String, nullable=False, comment="e.g. token:def, prev_token:(, syntax:keyword"),
     Column(
         "feature_set",
@@ -348,10 +435,24 @@ feature_scores = Table(
         nullable=False,
         comment="unigram | first_letter | token_class | previous_token | position | syntax | spacy",
     ),
-    Column("variance_reduction", Float, nullable=False),
     Column("fraction", Float, comment="share of counted tokens where the feature holds"),
+    sqlite_with_rowid=False,
 )
-Index("ix_feature_scores_feature", feature_scores.c.model_id, feature_scores.c.feature)  # revision 0004
+Index("ix_feature_names_feature", feature_names.c.model_id, feature_names.c.feature)
+
+feature_scores = Table(
+    "feature_scores",
+    metadata,
+    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
+    Column("layer", Integer, primary_key=True),
+    Column("neuron", Integer, primary_key=True),
+    Column("rank", Integer, primary_key=True),
+    Column("feature_id", Integer, nullable=False, comment="the feature: ``feature_names`` (revision 0005)"),
+    Column("variance_reduction", Float, nullable=False),
+    sqlite_with_rowid=False,
+)
+# revision 0004, by feature id since 0005: the neurons that list a feature (search)
+Index("ix_feature_scores_feature", feature_scores.c.model_id, feature_scores.c.feature_id)
 
 roles = Table(
     "roles",
@@ -365,6 +466,7 @@ roles = Table(
     Column("attention_layer", Integer),
     Column("attention_head", Integer),
     Column("attention_score", Float, comment="h = w_out^T W_Q k_BOS / sqrt(d_head), unit w_out"),
+    sqlite_with_rowid=False,  # revision 0005: the primary key is the table
 )
 # revision 0004: neurons by role (search ``role:NAME``), each a range of an index
 Index("ix_roles_vocab_role", roles.c.model_id, roles.c.vocab_role)
@@ -400,6 +502,7 @@ attention_scores = Table(
     Column("attention_layer", Integer, nullable=False),
     Column("head", Integer, nullable=False),
     Column("score", Float, nullable=False),
+    sqlite_with_rowid=False,  # revision 0005: the primary key is the table
 )
 
 path_ablations = Table(
@@ -452,8 +555,28 @@ def make_engine(path: Path | str) -> Engine:
     return engine
 
 
+#: The revision that rewrites the large tables compactly: a file migrated across it is vacuumed afterwards.
+COMPACT_REVISION = "0005"
+
+
+def vacuum(path: Path | str) -> None:
+    """Give the freed pages back (``VACUUM``) and fold the write-ahead log into the file.
+
+    VACUUM cannot run inside a transaction, so it runs here, on its own connection, after a precompute's run is
+    complete (`AtlasStore.compact`) and after a migration across `COMPACT_REVISION` (`upgrade`).
+    """
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
 def upgrade(path: Path | str, revision: str = "head") -> None:
-    """Create or migrate the SQLite file at `path` with Alembic (``alembic upgrade head``)."""
+    """Create or migrate the SQLite file at `path` with Alembic (``alembic upgrade head``); a file that crossed
+    `COMPACT_REVISION` is vacuumed (its old tables' pages are free, not yet given back)."""
     # lazy: the web app and the Alembic environment import the table definitions without Alembic's command API
     from alembic.config import Config
 
@@ -463,7 +586,11 @@ def upgrade(path: Path | str, revision: str = "head") -> None:
     cfg.set_main_option("script_location", str(ALEMBIC_DIR))
     cfg.set_main_option("sqlalchemy.url", sqlite_url(path))
     cfg.attributes["configure_logger"] = False
+    before = current_revision(path) if Path(path).exists() else None
     command.upgrade(cfg, revision)
+    if before is not None and before < COMPACT_REVISION <= (current_revision(path) or ""):
+        logger.info("vacuuming %s after migrating it to the compact tables", path)
+        vacuum(path)
 
 
 def current_revision(path: Path | str) -> str | None:
@@ -588,6 +715,11 @@ class AtlasStore:
         digest = self.content_hash(run_id)
         self.update_run(run_id, status="complete", finished_at=utc_now(), content_hash=digest, error=None)
         return digest
+
+    def compact(self) -> None:
+        """``VACUUM`` the file (at the end of a precompute): rewriting tables leaves free pages behind."""
+        self.engine.dispose()
+        vacuum(self.path)
 
     def fail_run(self, run_id: int, error: str) -> None:
         self.update_run(run_id, status="failed", finished_at=utc_now(), error=error)
@@ -719,15 +851,348 @@ def blob(array: Any) -> bytes:
     return bytes(memoryview(array).cast("B"))
 
 
+# --- compact arrays (revision 0005, issue 11 "A compact atlas") ---------------------------------------------
+
+#: The token-table kinds, by their code in ``token_tables.kind``.
+TOKEN_TABLE_KINDS: tuple[str, ...] = ("unembed_top", "unembed_bottom", "embed_top", "mean_activation", "max_activation")
+
+#: ``encode_u8``'s code for a non-finite value (NaN: a position without counted tokens).
+U8_MISSING = 255
+_U8_HEADER = struct.Struct("<ff")  # the lowest value and the step between codes
+
+
+def token_kind_code(kind: str) -> int:
+    """The code a token-table kind is stored as.
+
+    >>> token_kind_code("mean_activation")
+    3
+    """
+    if kind not in TOKEN_TABLE_KINDS:
+        raise ValueError(f"unknown token-table kind {kind!r}; valid: {', '.join(TOKEN_TABLE_KINDS)}")
+    return TOKEN_TABLE_KINDS.index(kind)
+
+
+def token_itemsize(d_vocab: int) -> int:
+    """Bytes per stored token id: 2 when every id of the vocabulary fits an uint16, else 4.
+
+    >>> token_itemsize(50257), token_itemsize(65536), token_itemsize(100_000)
+    (2, 2, 4)
+    """
+    return 2 if d_vocab <= 1 << 16 else 4
+
+
+def encode_u8_rows(values: np.ndarray) -> list[bytes]:
+    """Rows of floats as `encode_u8` BLOBs, vectorised over the rows of a 2-D array [rows, n]."""
+    x = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    finite = np.isfinite(x)
+    low = np.where(finite, x, np.inf).min(axis=1)
+    high = np.where(finite, x, -np.inf).max(axis=1)
+    low = np.where(np.isfinite(low), low, 0.0).astype(np.float32)
+    high = np.where(np.isfinite(high), high, 0.0)
+    step = ((high - low) / (U8_MISSING - 1)).astype(np.float32)
+    safe = np.where(step > 0, step, 1.0).astype(np.float64)
+    codes = np.rint((np.where(finite, x, 0.0) - low[:, None]) / safe[:, None])
+    codes = np.where(finite, np.clip(codes, 0, U8_MISSING - 1), U8_MISSING).astype(np.uint8)
+    return [_U8_HEADER.pack(lo, st) + row.tobytes() for lo, st, row in zip(low, step, codes, strict=True)]
+
+
+def encode_u8(values: np.ndarray) -> bytes:
+    """A float array as ``float32 low, float32 step, uint8 codes``: value = low + code × step, code 255 for NaN.
+
+    The error is at most half a step, 1/508 of the array's range: a plot 200 pixels tall cannot show it, and a
+    snippet's colour (its share of the largest |activation|) moves by less than a shade.
+
+    >>> decode_u8(encode_u8(np.array([0.0, 0.5, np.nan, 1.0]))).tolist()
+    [0.0, 0.5, nan, 1.0]
+    """
+    return encode_u8_rows(np.asarray(values).reshape(1, -1))[0]
+
+
+def decode_u8(data: bytes) -> np.ndarray:
+    """The float32 array of an `encode_u8` BLOB."""
+    low, step = _U8_HEADER.unpack_from(data)
+    codes = np.frombuffer(data, dtype=np.uint8, offset=_U8_HEADER.size)
+    values = (low + codes * np.float64(step)).astype(np.float32)
+    values[codes == U8_MISSING] = np.nan
+    return values
+
+
+def u8_length(data: bytes) -> int:
+    """The number of values of an `encode_u8` BLOB."""
+    return len(data) - _U8_HEADER.size
+
+
+def encode_counts(counts: np.ndarray) -> bytes:
+    """Non-negative integer counts as one byte for the width (1, 2, 4 or 8) and the zlib-compressed counts in it.
+
+    >>> data = encode_counts(np.array([0, 3, 0, 70000]))
+    >>> data[0], decode_counts(data).tolist()
+    (4, [0, 3, 0, 70000])
+    """
+    array = np.asarray(counts, dtype=np.int64)
+    if array.size and array.min() < 0:
+        raise ValueError("counts must be non-negative")
+    largest = int(array.max()) if array.size else 0
+    width = next(w for w in (1, 2, 4, 8) if largest < 1 << (8 * w))
+    return bytes([width]) + zlib.compress(array.astype(f"<u{width}").tobytes(), 6)
+
+
+def decode_counts(data: bytes) -> np.ndarray:
+    """The int64 array of an `encode_counts` BLOB."""
+    return np.frombuffer(zlib.decompress(data[1:]), dtype=f"<u{data[0]}").astype(np.int64)
+
+
+#: The dtypes an `encode_array` BLOB may hold, by the code in its first byte.
+ARRAY_DTYPES: tuple[str, ...] = ("<u1", "<u2", "<u4", "<u8", "<f4", "<f8")
+
+
+def encode_array(values: Any, dtype: str) -> bytes:
+    """An array as one byte naming its dtype (the index in `ARRAY_DTYPES`) and its little-endian bytes.
+
+    >>> decode_array(encode_array([3, 70000], unsigned_dtype(70000))).tolist()
+    [3, 70000]
+    """
+    return bytes([ARRAY_DTYPES.index(dtype)]) + np.ascontiguousarray(values, dtype=dtype).tobytes()
+
+
+def decode_array(data: bytes) -> np.ndarray:
+    """The array of an `encode_array` BLOB (read-only, its stored dtype)."""
+    return np.frombuffer(data, dtype=ARRAY_DTYPES[data[0]], offset=1)
+
+
+def unsigned_dtype(largest: int) -> str:
+    """The narrowest unsigned dtype that holds 0..largest.
+
+    >>> unsigned_dtype(255), unsigned_dtype(50256), unsigned_dtype(100_000)
+    ('<u1', '<u2', '<u4')
+    """
+    return next(d for d in ("<u1", "<u2", "<u4", "<u8") if largest < 1 << (8 * int(d[2])))
+
+
+def float_dtype(values: np.ndarray) -> str:
+    """float32 when every value is one exactly (NaN included), else float64: values keep every digit they have.
+
+    >>> float_dtype(np.array([0.5, np.nan])), float_dtype(np.array([0.1]))
+    ('<f4', '<f8')
+    """
+    x = np.asarray(values, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        exact = np.array_equal(x.astype(np.float32).astype(np.float64), x, equal_nan=True)
+    return "<f4" if exact else "<f8"
+
+
+def _groups(*keys: np.ndarray) -> np.ndarray:
+    """The starts of the runs of equal keys (sorted input) followed by the length: runs are ``[b[i], b[i + 1])``."""
+    n = len(keys[0])
+    change = np.zeros(n, dtype=bool)
+    if n:
+        change[0] = True
+        for key in keys:
+            change[1:] |= key[1:] != key[:-1]
+    return np.append(np.flatnonzero(change), n)
+
+
+def token_table_columns(
+    model_id: int,
+    layer: np.ndarray,
+    neuron: np.ndarray,
+    kind: np.ndarray,
+    token_id: np.ndarray,
+    value: np.ndarray,
+    count: np.ndarray | None,
+) -> dict[str, Any]:
+    """``token_tables`` columns (one row per neuron and kind) from ranked entries sorted by (layer, neuron, kind,
+    rank). Widths are the model's: token ids as narrow as the largest, values float32 when exact."""
+    bounds = _groups(layer, neuron, kind)
+    starts = bounds[:-1]
+    ids_dtype = unsigned_dtype(int(token_id.max()) if token_id.size else 0)
+    value_dtype = float_dtype(value)
+    columns: dict[str, Any] = {
+        "model_id": model_id,
+        "layer": layer[starts],
+        "neuron": neuron[starts],
+        "kind": kind[starts],
+        "token_ids": [encode_array(token_id[a:b], ids_dtype) for a, b in zip(starts, bounds[1:], strict=True)],
+        "token_values": [encode_array(value[a:b], value_dtype) for a, b in zip(starts, bounds[1:], strict=True)],
+    }
+    if count is None:
+        columns["counts"] = None
+    else:
+        known = np.where(count < 0, 0, count)
+        count_dtype = unsigned_dtype(int(known.max()) if known.size else 0)
+        columns["counts"] = [encode_array(known[a:b], count_dtype) for a, b in zip(starts, bounds[1:], strict=True)]
+    return columns
+
+
+#: A ``token_postings`` record: the neuron (layer * d_mlp + neuron) and the token's rank in its table.
+POSTING = np.dtype([("neuron", "<u4"), ("rank", "<u1")])
+
+
+def posting_columns(
+    model_id: int, kind: np.ndarray, token_id: np.ndarray, flat: np.ndarray, rank: np.ndarray
+) -> dict[str, Any]:
+    """``token_postings`` columns (one row per kind and token) from every ranked entry of one model's token tables
+    (any order; ``flat`` = layer * d_mlp + neuron): a (kind, token)'s entries as `POSTING` records by neuron then
+    rank. The values are not repeated here: the neuron's ``token_tables`` row holds them."""
+    order = np.lexsort((rank, flat, token_id, kind))
+    kind, token_id = kind[order], token_id[order]
+    records = np.empty(len(order), dtype=POSTING)
+    records["neuron"], records["rank"] = flat[order], rank[order]
+    bounds = _groups(kind, token_id)
+    starts = bounds[:-1]
+    postings = [records[a:b].tobytes() for a, b in zip(starts.tolist(), bounds[1:].tolist(), strict=True)]
+    return {"model_id": model_id, "kind": kind[starts], "token_id": token_id[starts], "postings": postings}
+
+
+def decode_postings(data: bytes) -> np.ndarray:
+    """The `POSTING` records of a ``token_postings.postings`` BLOB."""
+    return np.frombuffer(data, dtype=POSTING)
+
+
+def percentile_columns(model_id: int, d_mlp: int, values: np.ndarray) -> dict[str, Any]:
+    """``percentiles`` columns from [neurons, statistics] percentiles (NaN: not finite), one row per neuron."""
+    flat = np.arange(values.shape[0])
+    dtype = float_dtype(values)
+    return {
+        "model_id": model_id,
+        "layer": flat // d_mlp,
+        "neuron": flat % d_mlp,
+        "percentiles": [encode_array(row, dtype) for row in values],
+    }
+
+
+def example_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One ``examples`` row from the examples of one neuron and kind, each a mapping with the neuron's key,
+    ``kind``, ``rank``, ``bin``, ``bin_low``, ``bin_high``, ``bin_fraction``, ``dataset_row``, ``start``,
+    ``peak``, ``activation`` and ``activations`` (its snippet's `encode_u8` BLOB); stored in (bin, rank) order."""
+    rows = sorted(rows, key=lambda r: (r["bin"], r["rank"]))
+    first = rows[0]
+
+    def narrow(name: str) -> bytes:
+        values = [int(r[name]) for r in rows]
+        return encode_array(values, unsigned_dtype(max(values)))
+
+    ranges: dict[int, list[float]] = {}
+    for r in rows:
+        bounds = (r.get("bin_low"), r.get("bin_high"), r.get("bin_fraction"))
+        if r["bin"] not in ranges and any(b is not None for b in bounds):
+            ranges[r["bin"]] = [float(r["bin"]), *(np.nan if b is None else float(b) for b in bounds)]
+    activation = np.array([r["activation"] for r in rows], dtype=np.float64)
+    lengths = [u8_length(r["activations"]) for r in rows]
+    return {
+        "model_id": first["model_id"],
+        "layer": first["layer"],
+        "neuron": first["neuron"],
+        "kind": first["kind"],
+        "n_examples": len(rows),
+        "ranks": narrow("rank"),
+        "bins": narrow("bin"),
+        "bin_ranges": encode_array(list(ranges.values()), "<f8") if ranges else None,
+        "dataset_rows": narrow("dataset_row"),
+        "starts": narrow("start"),
+        "peaks": narrow("peak"),
+        "activations": encode_array(activation, float_dtype(activation)),
+        "lengths": encode_array(lengths, unsigned_dtype(max(lengths))),
+        "snippets": b"".join(r["activations"] for r in rows),
+    }
+
+
+def decode_examples(row: Sequence[Any]) -> list[dict[str, Any]]:
+    """The examples of an ``examples`` row given as (ranks, bins, bin_ranges, dataset_rows, starts, peaks,
+    activations, lengths, snippets), in (bin, rank) order: the mappings `example_columns` packed (``activations``
+    the snippet's decoded float32 array), without the key and kind."""
+    ranks, bins, ranges, dataset_rows, starts, peaks, activation, lengths, snippets = row
+    by_bin: dict[int, tuple[float | None, ...]] = {}
+    if ranges is not None:
+        for b, *bounds in decode_array(ranges).reshape(-1, 4).tolist():
+            by_bin[int(b)] = tuple(None if np.isnan(v) else v for v in bounds)
+    sizes = decode_array(lengths).astype(np.int64) + _U8_HEADER.size
+    ends = np.cumsum(sizes)
+    out = []
+    columns = zip(
+        decode_array(ranks).tolist(),
+        decode_array(bins).tolist(),
+        decode_array(dataset_rows).tolist(),
+        decode_array(starts).tolist(),
+        decode_array(peaks).tolist(),
+        decode_array(activation).tolist(),
+        (ends - sizes).tolist(),
+        ends.tolist(),
+        strict=True,
+    )
+    for rank, bin_, dataset_row, start, peak, value, a, b in columns:
+        low, high, fraction = by_bin.get(bin_, (None, None, None))
+        out.append(
+            {
+                "rank": rank,
+                "bin": bin_,
+                "bin_low": low,
+                "bin_high": high,
+                "bin_fraction": fraction,
+                "dataset_row": dataset_row,
+                "start": start,
+                "peak": peak,
+                "activation": value,
+                "activations": decode_u8(snippets[a:b]),
+            }
+        )
+    return out
+
+
+def feature_columns(
+    model_id: int, features: Sequence[str], sets: Sequence[str], fractions: np.ndarray
+) -> tuple[dict[str, Any], np.ndarray]:
+    """``feature_names`` columns for the distinct (feature, feature set, fraction) of one model's feature scores,
+    and each score's feature id.
+
+    >>> names, ids = feature_columns(1, ["a", "b", "a"], ["s", "s", "s"], np.array([0.5, 0.25, 0.5]))
+    >>> names["feature"], ids.tolist()
+    (['a', 'b'], [0, 1, 0])
+    """
+    found: dict[tuple[str, str, float], int] = {}
+    ids = np.empty(len(features), dtype=np.int64)
+    for i, entry in enumerate(zip(features, sets, np.asarray(fractions, dtype=np.float64).tolist(), strict=True)):
+        fraction = np.nan if entry[2] is None or entry[2] != entry[2] else entry[2]  # one NaN object: one key
+        key = (entry[0], entry[1], fraction)
+        ids[i] = found.setdefault(key, len(found))
+    names = list(found)
+    columns = {
+        "model_id": model_id,
+        "feature_id": np.arange(len(names)),
+        "feature": [n[0] for n in names],
+        "feature_set": [n[1] for n in names],
+        "fraction": np.array([n[2] for n in names], dtype=np.float64),
+    }
+    return columns, ids
+
+
 __all__ = [
     "ALEMBIC_DIR",
+    "ARRAY_DTYPES",
+    "COMPACT_REVISION",
+    "POSTING",
+    "TOKEN_TABLE_KINDS",
     "WRITE_CHUNK_BYTES",
     "WRITE_CHUNK_ROWS",
     "AtlasStore",
     "blob",
     "config_hash",
     "current_revision",
+    "decode_array",
+    "decode_counts",
+    "decode_examples",
+    "decode_postings",
+    "decode_u8",
     "distributions",
+    "encode_array",
+    "encode_counts",
+    "encode_u8",
+    "encode_u8_rows",
+    "example_columns",
+    "example_peaks",
+    "feature_columns",
+    "feature_names",
+    "float_dtype",
     "layer_summaries",
     "make_engine",
     "matches",
@@ -735,7 +1200,17 @@ __all__ = [
     "models",
     "neurons",
     "partner_scores",
+    "percentile_columns",
+    "percentile_statistics",
+    "posting_columns",
     "runs",
+    "token_itemsize",
+    "token_kind_code",
+    "token_postings",
+    "token_table_columns",
+    "u8_length",
+    "unsigned_dtype",
     "upgrade",
+    "vacuum",
     "vocab",
 ]

@@ -1,7 +1,8 @@
 """One neuron's analysis rows (schema revision 0002): statistics, histograms, examples, families, roles.
 
 Each function returns nothing (None or an empty list) when the stage that fills its table has not run.
-BLOB columns are decoded with NumPy as the schema's comments specify.
+BLOB columns are decoded with NumPy as the schema's comments specify (the compact arrays of revision 0005 by
+`precompute.store`'s decoders).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from precompute.store import TOKEN_TABLE_KINDS, decode_array, decode_counts, decode_examples, decode_u8
 
 Key = tuple[int, int, int]  # model_id, layer, neuron
 
@@ -67,7 +70,7 @@ def histograms(conn: sqlite3.Connection, key: Key) -> list[Histogram]:
     rows = conn.execute(f"SELECT hook, low, high, n_bins, counts FROM histograms {_WHERE} ORDER BY hook", key)
     out = []
     for hook, low, high, n_bins, counts in rows:
-        array = np.frombuffer(counts, dtype="<i8")
+        array = decode_counts(counts)
         if array.size == n_bins + 2:
             out.append(Histogram(hook, low, high, array))
     return out
@@ -82,11 +85,15 @@ class PositionProfile:
 
 
 def position_profiles(conn: sqlite3.Connection, key: Key) -> list[PositionProfile]:
-    rows = conn.execute(f'SELECT hook, mean, std, "count" FROM position_profiles {_WHERE} ORDER BY hook', key)
+    """Both hooks' profiles; the counts per position are the model's (``position_counts``, one row a model)."""
+    rows = conn.execute(
+        'SELECT p.hook, p.mean, p.std, c."count" FROM position_profiles p '
+        "JOIN position_counts c ON c.model_id = p.model_id "
+        "WHERE p.model_id = ? AND p.layer = ? AND p.neuron = ? ORDER BY p.hook",
+        key,
+    )
     return [
-        PositionProfile(
-            hook, np.frombuffer(mean, dtype="<f4"), np.frombuffer(std, dtype="<f4"), np.frombuffer(count, dtype="<i8")
-        )
+        PositionProfile(hook, decode_u8(mean), decode_u8(std), np.frombuffer(count, dtype="<i8"))
         for hook, mean, std, count in rows
     ]
 
@@ -99,8 +106,16 @@ def weight_stats(conn: sqlite3.Connection, key: Key) -> dict[str, float | None] 
 
 
 def percentiles(conn: sqlite3.Connection, key: Key) -> dict[str, float]:
-    rows = conn.execute(f"SELECT statistic, percentile FROM percentiles {_WHERE}", key)
-    return {statistic: percentile for statistic, percentile in rows}
+    """Within-layer percentiles by statistic (by name): the neuron's array, named by ``percentile_statistics``."""
+    row = conn.execute(f"SELECT percentiles FROM percentiles {_WHERE}", key).fetchone()
+    if row is None:
+        return {}
+    names = conn.execute(
+        "SELECT position, statistic FROM percentile_statistics WHERE model_id = ? ORDER BY position", key[:1]
+    ).fetchall()
+    values = decode_array(row[0])
+    found = {statistic: float(values[i]) for i, statistic in names if i < values.size and np.isfinite(values[i])}
+    return {statistic: found[statistic] for statistic in sorted(found)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,15 +126,20 @@ class TokenRow:
 
 
 def token_tables(conn: sqlite3.Connection, key: Key, limit: int) -> dict[str, list[TokenRow]]:
-    """Rows per kind (unembed_top, unembed_bottom, embed_top, mean_activation, max_activation), by rank."""
-    rows = conn.execute(
-        f'SELECT kind, token_id, value, "count" FROM token_tables {_WHERE} AND rank < ? ORDER BY kind, rank',
-        (*key, limit),
-    )
+    """Rows per kind (unembed_top, unembed_bottom, embed_top, mean_activation, max_activation), by rank: each
+    kind's arrays (one row per neuron and kind), cut at `limit`."""
+    rows = conn.execute(f"SELECT kind, token_ids, token_values, counts FROM token_tables {_WHERE}", key)
     out: dict[str, list[TokenRow]] = {}
-    for kind, token_id, value, count in rows:
-        out.setdefault(kind, []).append(TokenRow(token_id, value, count))
-    return out
+    for code, ids, values, counts in rows:  # kind: its index in TOKEN_TABLE_KINDS
+        if not 0 <= code < len(TOKEN_TABLE_KINDS):
+            continue
+        token_ids, token_values = decode_array(ids)[:limit], decode_array(values)[:limit]
+        occurrences = decode_array(counts)[:limit].tolist() if counts is not None else [None] * token_ids.size
+        out[TOKEN_TABLE_KINDS[code]] = [
+            TokenRow(int(t), float(v), c)
+            for t, v, c in zip(token_ids.tolist(), token_values.tolist(), occurrences, strict=False)
+        ]
+    return {kind: out[kind] for kind in sorted(out)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,30 +154,44 @@ class ExampleRow:
     start: int
     peak: int
     activation: float
-    token_ids: np.ndarray  # int32[snippet]
-    activations: np.ndarray  # float32[snippet] (stored as float16)
+    token_ids: np.ndarray  # int64[snippet]
+    activations: np.ndarray  # float32[snippet] (stored as uint8 codes with a scale)
 
 
 def examples(conn: sqlite3.Connection, key: Key, kind: str, limit: int) -> list[ExampleRow]:
-    """Examples of one kind ordered by (bin, rank); `limit` caps the rank within each bin."""
-    rows = conn.execute(
-        "SELECT kind, rank, bin, bin_low, bin_high, bin_fraction, dataset_row, start, peak, activation, token_ids, "
-        f"activations FROM examples {_WHERE} AND kind = ? AND rank < ? ORDER BY bin, rank",
-        (*key, kind, limit),
-    )
+    """Examples of one kind ordered by (bin, rank); `limit` caps the rank within each bin. The neuron's examples
+    of a kind are one row of arrays (revision 0005); each snippet's token ids are cut from its dataset row
+    (``example_rows``, one primary-key lookup per row)."""
+    columns = "ranks, bins, bin_ranges, dataset_rows, starts, peaks, activations, lengths, snippets"
+    row = conn.execute(f"SELECT {columns} FROM examples {_WHERE} AND kind = ?", (*key, kind)).fetchone()
+    if row is None:
+        return []
+    stored = [e for e in decode_examples(row) if e["rank"] < limit]
+    wanted = sorted({e["dataset_row"] for e in stored})
+    tokens = {}
+    for dataset_row, itemsize, ids in conn.execute(
+        "SELECT dataset_row, itemsize, token_ids FROM example_rows WHERE model_id = ? AND dataset_row IN "
+        f"({','.join('?' * len(wanted))})",
+        (key[0], *wanted),
+    ):
+        tokens[dataset_row] = np.frombuffer(ids, dtype=f"<u{itemsize}")
     out = []
-    for kind_, rank, bin_, low, high, fraction, dataset_row, start, peak, activation, ids, acts in rows:
-        token_ids = np.frombuffer(ids, dtype="<i4")
-        activations = np.frombuffer(acts, dtype="<f2").astype(np.float32)
+    for e in stored:
+        activations = e["activations"]
+        token_ids = tokens.get(e["dataset_row"], np.zeros(0, dtype=np.int64))[
+            e["start"] : e["start"] + activations.size
+        ]
         if token_ids.size != activations.size or token_ids.size == 0:
             continue  # a malformed row is skipped rather than breaking the page
-        scalars = (kind_, rank, bin_, low, high, fraction, dataset_row, start, peak, activation)
-        out.append(ExampleRow(*scalars, token_ids, activations))
+        scalars = (kind, e["rank"], e["bin"], e["bin_low"], e["bin_high"], e["bin_fraction"], e["dataset_row"])
+        out.append(
+            ExampleRow(*scalars, e["start"], e["peak"], e["activation"], token_ids.astype(np.int64), activations)
+        )
     return out
 
 
 def example_kinds(conn: sqlite3.Connection, key: Key) -> dict[str, int]:
-    rows = conn.execute(f"SELECT kind, count(*) FROM examples {_WHERE} GROUP BY kind", key)
+    rows = conn.execute(f"SELECT kind, n_examples FROM examples {_WHERE}", key)
     return {kind: count for kind, count in rows}
 
 
@@ -205,8 +239,9 @@ class FeatureRow:
 
 def feature_scores(conn: sqlite3.Connection, key: Key, limit: int) -> list[FeatureRow]:
     rows = conn.execute(
-        f"SELECT rank, feature, feature_set, variance_reduction, fraction FROM feature_scores {_WHERE} "
-        "ORDER BY rank LIMIT ?",
+        "SELECT s.rank, f.feature, f.feature_set, s.variance_reduction, f.fraction FROM feature_scores s "
+        "JOIN feature_names f ON f.model_id = s.model_id AND f.feature_id = s.feature_id "
+        "WHERE s.model_id = ? AND s.layer = ? AND s.neuron = ? ORDER BY s.rank LIMIT ?",
         (*key, limit),
     )
     return [FeatureRow(*row) for row in rows]

@@ -17,25 +17,22 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from app.queries.neurons import NeuronFilter, universal_column
+from precompute.store import TOKEN_TABLE_KINDS as STORED_KINDS
+from precompute.store import decode_array, decode_postings, token_kind_code
 
 Key = tuple[int, int, int]  # model_id, layer, neuron
 
 #: Token-table kinds searched by token, in the order evidence is listed.
 TOKEN_TABLE_KINDS = ("mean_activation", "max_activation", "unembed_top", "unembed_bottom", "embed_top")
-#: The token a top example peaks on: exactly the expression of the partial index ``ix_examples_top_peak``
-#: (precompute/store.py, revision 0004), so that SQLite can read the index instead of every BLOB.
-PEAK_TOKEN_SQL = "substr({t}.token_ids, {t}.peak * 4 + 1, 4)"
-PEAK_INDEX = "ix_examples_top_peak"
 #: The index each kind of evidence reads. A statement names it (``INDEXED BY``) when the file has it: without
 #: statistics (``ANALYZE``) SQLite would otherwise prefer a primary-key range when a filter fixes the layer.
 INDEXES = {
-    "token_tables": "ix_token_tables_token",
-    "examples": PEAK_INDEX,
     "feature_scores": "ix_feature_scores_feature",
     "families": "ix_families_family",
     "vocab_role": "ix_roles_vocab_role",
@@ -73,45 +70,85 @@ def _table(table: str, use: str, indexes: frozenset[str], alias: str = "") -> st
 # --- evidence: each a SELECT of (model_id, layer, neuron, kind, strength, rank, value, token_id, label) ---------
 
 
-def token_table_evidence(
-    model_ids: Sequence[int], token_ids: Sequence[int], indexes: frozenset[str] = frozenset()
-) -> Statement:
-    """Rows of the token tables that list one of the tokens (index ``ix_token_tables_token``)."""
-    kinds = TOKEN_TABLE_KINDS
-    return Statement(
-        "SELECT model_id, layer, neuron, kind, 1.0 / (1 + rank), rank, value, token_id, NULL "
-        f"FROM {_table('token_tables', 'token_tables', indexes)} WHERE model_id IN ({_marks(model_ids)}) "
-        f"AND kind IN ({_marks(kinds)}) AND token_id IN ({_marks(token_ids)})",
-        (*model_ids, *kinds, *token_ids),
+def token_postings(
+    conn: sqlite3.Connection, model_ids: Sequence[int], token_ids: Sequence[int]
+) -> list[tuple[int, int, int, str, float, int, None, int, None]]:
+    """The token tables' entries that list one of the tokens, as evidence rows: one primary-key range of
+    ``token_postings`` per model, kind and token (revision 0005), its records decoded here."""
+    if not model_ids or not token_ids:
+        return []
+    d_mlp = dict(conn.execute(f"SELECT id, d_mlp FROM models WHERE id IN ({_marks(model_ids)})", tuple(model_ids)))
+    codes = [token_kind_code(kind) for kind in TOKEN_TABLE_KINDS]
+    rows = conn.execute(
+        f"SELECT model_id, kind, token_id, postings FROM token_postings WHERE model_id IN ({_marks(model_ids)}) "
+        f"AND kind IN ({_marks(codes)}) AND token_id IN ({_marks(token_ids)})",
+        (*model_ids, *codes, *token_ids),
     )
+    out = []
+    for model_id, code, token_id, postings in rows:
+        kind, width = STORED_KINDS[code], d_mlp[model_id]
+        for flat, rank in decode_postings(postings).tolist():
+            out.append((model_id, flat // width, flat % width, kind, 1.0 / (1 + rank), rank, None, token_id, None))
+    return out
 
 
-def example_evidence(
-    model_ids: Sequence[int], token_ids: Sequence[int], indexes: frozenset[str] = frozenset()
-) -> Statement:
-    """Per neuron, the share of its top examples that peak on one of the tokens (index ``ix_examples_top_peak``;
-    the denominator is a primary-key range). ``rank`` is the best such example's, ``value`` its activation."""
-    blobs = [struct.pack("<i", t) for t in token_ids]
+def token_values(conn: sqlite3.Connection, ranked: list[RankedNeuron]) -> list[RankedNeuron]:
+    """The ranked neurons with the value of each token-table evidence row, read from the neuron's table
+    (``token_postings`` lists where a token is, not its value: one primary-key lookup per neuron and kind)."""
+    tables: dict[tuple[int, int, int, str], np.ndarray] = {}
+    out = []
+    for hit in ranked:
+        rows = []
+        for e in hit.evidence:
+            if e.kind in TOKEN_TABLE_KINDS and e.value is None and e.rank is not None:
+                key = (*hit.key, e.kind)
+                if key not in tables:
+                    row = conn.execute(
+                        "SELECT token_values FROM token_tables WHERE model_id = ? AND layer = ? AND neuron = ? "
+                        "AND kind = ?",
+                        (*hit.key, token_kind_code(e.kind)),
+                    ).fetchone()
+                    tables[key] = decode_array(row[0]) if row else np.zeros(0)
+                values = tables[key]
+                e = replace(e, value=float(values[e.rank]) if e.rank < values.size else None)
+            rows.append(e)
+        out.append(replace(hit, evidence=tuple(rows)))
+    return out
+
+
+def token_table_evidence(conn: sqlite3.Connection, model_ids: Sequence[int], token_ids: Sequence[int]) -> Statement:
+    """Rows of the token tables that list one of the tokens (`token_postings`, read before the statement runs;
+    the statement lists them: ``json_each`` of one parameter)."""
+    rows = json.dumps(token_postings(conn, model_ids, token_ids))
+    columns = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(9))
+    return Statement(f"SELECT {columns} FROM json_each(?)", (rows,))
+
+
+def example_evidence(model_ids: Sequence[int], token_ids: Sequence[int]) -> Statement:
+    """Per neuron, the share of its top examples that peak on one of the tokens (``example_peaks``, whose primary
+    key is the table; the denominator is the neuron's ``examples`` row). ``rank`` is the best such example's,
+    ``value`` its activation."""
     return Statement(
-        "SELECT e.model_id, e.layer, e.neuron, 'top_examples', count(*) * 1.0 / (SELECT count(*) FROM examples t "
+        "SELECT e.model_id, e.layer, e.neuron, 'top_examples', count(*) * 1.0 / (SELECT t.n_examples FROM examples t "
         "WHERE t.model_id = e.model_id AND t.layer = e.layer AND t.neuron = e.neuron AND t.kind = 'top'), "
-        f"min(e.rank), max(e.activation), NULL, NULL FROM {_table('examples', 'examples', indexes, 'e')} "
-        f"WHERE e.model_id IN ({_marks(model_ids)}) AND e.kind = 'top' "
-        f"AND {PEAK_TOKEN_SQL.format(t='e')} IN ({_marks(blobs)}) "
+        "min(e.rank), max(e.activation), NULL, NULL FROM example_peaks e "
+        f"WHERE e.model_id IN ({_marks(model_ids)}) AND e.peak_token IN ({_marks(token_ids)}) "
         "GROUP BY e.model_id, e.layer, e.neuron",
-        (*model_ids, *blobs),
+        (*model_ids, *token_ids),
     )
 
 
 def feature_evidence(
     model_ids: Sequence[int], features: Sequence[str], indexes: frozenset[str] = frozenset()
 ) -> Statement:
-    """Neurons that list one of the features among their best (index ``ix_feature_scores_feature``)."""
+    """Neurons that list one of the features among their best: the features' ids (``feature_names``, index
+    ``ix_feature_names_feature``), then their neurons (index ``ix_feature_scores_feature``)."""
     return Statement(
-        "SELECT model_id, layer, neuron, 'feature', max(0.0, min(1.0, variance_reduction)), rank, "
-        f"variance_reduction, NULL, feature FROM {_table('feature_scores', 'feature_scores', indexes)} "
-        f"WHERE model_id IN ({_marks(model_ids)}) "
-        f"AND feature IN ({_marks(features)})",
+        "SELECT feature_scores.model_id, layer, neuron, 'feature', max(0.0, min(1.0, variance_reduction)), rank, "
+        "variance_reduction, NULL, f.feature FROM feature_names f "
+        f"CROSS JOIN {_table('feature_scores', 'feature_scores', indexes)} "
+        "ON feature_scores.model_id = f.model_id AND feature_scores.feature_id = f.feature_id "
+        f"WHERE f.model_id IN ({_marks(model_ids)}) AND f.feature IN ({_marks(features)})",
         (*model_ids, *features),
     )
 
@@ -253,7 +290,7 @@ def rank_neurons(conn: sqlite3.Connection, parts: Sequence[Statement], where: Ne
         )
         neurons.append(RankedNeuron(model_id, layer, neuron, score, _labels(universal, *labels), tuple(rows)))
         total = count
-    return Ranking(neurons, total)
+    return Ranking(token_values(conn, neurons), total)
 
 
 # --- twins, existence checks --------------------------------------------------------------------------------
@@ -315,10 +352,10 @@ def present_indexes(conn: sqlite3.Connection) -> frozenset[str]:
 
 
 def feature_exists(conn: sqlite3.Connection, model_ids: Sequence[int], feature: str) -> bool:
-    """Whether any of the models scores this feature (one probe of ``ix_feature_scores_feature``)."""
+    """Whether any of the models scores this feature (one probe of ``ix_feature_names_feature``)."""
     return (
         conn.execute(
-            f"SELECT 1 FROM feature_scores WHERE model_id IN ({_marks(model_ids)}) AND feature = ? LIMIT 1",
+            f"SELECT 1 FROM feature_names WHERE model_id IN ({_marks(model_ids)}) AND feature = ? LIMIT 1",
             (*model_ids, feature),
         ).fetchone()
         is not None

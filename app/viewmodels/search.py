@@ -35,9 +35,6 @@ EvidenceKind = Literal[
 ]  # fmt: skip
 RoleName = Literal["prediction", "suppression", "partition", "deactivation", "activation", "entropy"]
 MAX_TOKENS = 50
-#: Without the index ``ix_examples_top_peak`` (files written before schema revision 0004) the top examples are
-#: scanned, which is done only when the searched models hold at most this many neurons.
-EXAMPLE_SCAN_MAX_NEURONS = 20_000
 #: What an evidence kind is called on the page.
 EVIDENCE_LABELS = {
     "mean_activation": "tokens by mean activation",
@@ -194,7 +191,9 @@ class SearchPage(ViewModel):
     items: list[SearchItem] = Field(description="This page's rows, best first")
     truncated: bool = Field(description="More neurons matched than the server ranks (max_rows): pages cover the best")
     examples_complete: bool = Field(
-        description="Top examples were searched (false: a file without the peak-token index and above 20,000 neurons)"
+        description="Top examples were searched: always true since schema revision 0005, whose example_peaks table "
+        "lists the top examples by peak token (before it: false for a file without the peak-token index and "
+        "above 20,000 neurons)"
     )
     families: list[str] = Field(description="Family labels present in the searched models")
     roles: list[str] = Field(description="Role labels present in the searched models")
@@ -265,12 +264,9 @@ def _read(
     if not token_ids:
         return _Reading("token", [], [], [], f"no token of the vocabulary matches {token_text_!r}")
     features = list(dict.fromkeys(f"token:{ctx.vocab[t]}" for t in token_ids))
-    parts = [sq.token_table_evidence(ids, token_ids, ctx.indexes), sq.feature_evidence(ids, features, ctx.indexes)]
-    # an older file without the peak-token index: the top examples are scanned, for small models only
-    examples = sq.PEAK_INDEX in ctx.indexes or sum(m.n_neurons for m in models) <= EXAMPLE_SCAN_MAX_NEURONS
-    if examples:
-        parts.append(sq.example_evidence(ids, token_ids, ctx.indexes))
-    return _Reading("token", parts, token_ids, features, examples_complete=examples)
+    parts = [sq.token_table_evidence(conn, ids, token_ids), sq.feature_evidence(ids, features, ctx.indexes)]
+    parts.append(sq.example_evidence(ids, token_ids))  # the top examples' peaks (``example_peaks``)
+    return _Reading("token", parts, token_ids, features)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,10 @@ A stage declares what the pipeline needs to plan and run it:
 
 A stage is built from the `RunInputs` (all known before the store opens), folds every batch of a pass into its
 running state (`update`), closes each pass (`finish_pass`) until `done_streaming`, checkpoints that state
-(`state_dict`/`load_state_dict`) and finally writes its tables with the `RunContext`.
+(`state_dict`/`load_state_dict`) and finally writes its tables with the `RunContext`. Under torchrun each rank
+streams a share of the batches: a stage takes its pilot from the dataset's first batch (`share_pilot`) and
+combines the ranks' state before each pass closes (`reduce`); a stage whose ranks split its passes instead reads
+every row of its own passes (`reads_every_row`) and merges the ranks' results once all have streamed (`gather`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from sqlalchemy import Table
 from precompute.activations import ActivationBatch, HookKind
 from precompute.correlation import CorrelationConfig
 from precompute.data import TokenDataset, TokenSelection
+from precompute.distributed import Distributed
 from precompute.memory import Split, StageMemory
 from precompute.models import LoadedModel
 from precompute.store import AtlasStore
@@ -57,12 +61,15 @@ class RunSettings(Protocol):
 @dataclass(frozen=True)
 class RunInputs:
     """What a stage is built and planned from, all known before the store opens: the run's settings, models,
-    dataset, and how the memory plan splits the work."""
+    dataset, how the memory plan splits the work, and which rank of how many builds it (`precompute.distributed`;
+    rank 0 of 1 without torchrun)."""
 
     config: RunSettings
     models: Sequence[LoadedModel]
     dataset: TokenDataset
     split: Split = field(default_factory=Split, kw_only=True)
+    rank: int = field(default=0, kw_only=True)
+    world_size: int = field(default=1, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,25 @@ class Stage(abc.ABC):
     def finish_pass(self) -> None:
         """Close a pass over the rows; one pass is all a stage needs unless it overrides this."""
         self._done = True
+
+    def share_pilot(self, group: Distributed, batch: ActivationBatch | None) -> None:  # noqa: B027 - no pilot
+        """Several ranks (`precompute.distributed`), before any batch is folded in: a stage that fixes something
+        from the first batch (a shift, bin edges) takes it from the dataset's first batch, rank 0's ``batch``,
+        on every rank (the others pass None), as a single process would."""
+
+    def reduce(self, group: Distributed) -> None:  # noqa: B027 - a stage without hooks holds no sums
+        """Several ranks, before `finish_pass`: combine what this pass folded in on every rank (sums added,
+        extremes and top-k merged) so every rank holds what one process streaming every row would."""
+
+    @property
+    def reads_every_row(self) -> bool:
+        """Several ranks: True while the stage makes a pass of its own on this rank and needs every batch of it
+        (the correlation engine when the ranks split its passes), not this rank's share of the batches."""
+        return False
+
+    def gather(self, group: Distributed) -> None:  # noqa: B027 - nothing is computed apart by default
+        """Several ranks, once every rank has streamed: merge what the ranks computed apart (passes each made
+        alone), so rank 0 writes what one process would."""
 
     def state_dict(self) -> dict[str, Any]:
         """The running state, for the checkpoint (tensors may stay on the device)."""

@@ -17,6 +17,7 @@ import torch
 
 from precompute.activations import ActivationBatch
 from precompute.correlation import CorrelationEngine, ModelShape, plan_correlations
+from precompute.distributed import Distributed
 from precompute.memory import StageMemory
 from precompute.models import LoadedModel
 from precompute.stages.base import RunContext, RunInputs, Stage, batch_tokens, split_of
@@ -51,8 +52,14 @@ class CorrelationStage(Stage):
         super().__init__(inputs)
         self.shapes = model_shapes(inputs.models)
         passes = split_of(inputs).passes_for(self.name)
+        rank, world_size = getattr(inputs, "rank", 0), getattr(inputs, "world_size", 1)
         self.engine = CorrelationEngine(
-            self.shapes, inputs.config.correlation, device=inputs.config.device, n_passes=passes
+            self.shapes,
+            inputs.config.correlation,
+            device=inputs.config.device,
+            n_passes=passes,
+            rank=rank,
+            world_size=world_size,
         )
         logger.info(
             "correlations: %d model pairs in %d pass(es), %s products",
@@ -60,6 +67,13 @@ class CorrelationStage(Stage):
             self.engine.n_passes,
             self.engine.precision,
         )
+        if self.engine.ranks_split_passes:
+            logger.info(
+                "correlations: the %d ranks split the passes: this rank makes passes %s of %d, over every row",
+                world_size,
+                self.engine.schedule,
+                self.engine.n_passes,
+            )
 
     @classmethod
     def memory_bytes(cls, inputs: RunInputs) -> StageMemory:
@@ -68,7 +82,9 @@ class CorrelationStage(Stage):
         device = torch.device(inputs.config.device)
         shapes = model_shapes(inputs.models)
         passes = split_of(inputs).passes_for(cls.name)
-        memory = plan_correlations(shapes, inputs.config.correlation, device, passes).memory(batch_tokens(inputs))
+        ranks = getattr(inputs, "world_size", 1)  # each rank holds the largest of its own passes
+        plan = plan_correlations(shapes, inputs.config.correlation, device, passes, ranks=ranks)
+        memory = plan.memory(batch_tokens(inputs))
         largest = max(shape.n_neurons for shape in shapes)
         return dataclasses.replace(memory, write=16 * largest * 8 + WRITE_CHUNK_BYTES)
 
@@ -78,6 +94,24 @@ class CorrelationStage(Stage):
 
     def update(self, batch: ActivationBatch) -> None:
         self.engine.update(batch)
+
+    def share_pilot(self, group: Distributed, batch: ActivationBatch | None) -> None:
+        self.engine.share_pilot(group, batch)
+
+    def reduce(self, group: Distributed) -> None:
+        self.engine.reduce(group)
+
+    @property
+    def reads_every_row(self) -> bool:
+        return self.engine.ranks_split_passes and not self.engine.done
+
+    def gather(self, group: Distributed) -> None:
+        self.engine.gather(group)
+
+    def passes_by_rank(self, world_size: int) -> list[list[int]] | None:
+        """The passes each rank makes when the ranks split them (recorded with the run), else None."""
+        plan = self.engine.plan
+        return [plan.schedule(rank) for rank in range(world_size)] if plan.ranks_split_passes else None
 
     def finish_pass(self) -> None:
         self.engine.finish_pass()

@@ -12,14 +12,19 @@ One pass over the counted tokens, in the forward passes every stage shares; noth
 - ``random``: ``random`` counted tokens drawn uniformly at the start (a different draw per neuron).
 
 Each example is a snippet of its dataset row: the example's token with up to ``before`` tokens before it and
-``after`` after (clipped at the row's edges), stored as int32 token ids and float16 activations of every snippet
-token; ``start`` is the snippet's first position in the row and ``peak`` the example's index in the snippet.
+``after`` after (clipped at the row's edges). Stored (issue 11) as one ``examples`` row per neuron and kind holding
+its examples as arrays (`precompute.store.example_columns`): the activations of every snippet token as compact
+uint8 codes with a stored scale (`precompute.store.encode_u8`); the row's token ids once per model and dataset row
+(``example_rows``); the top examples' peak tokens for the search (``example_peaks``). ``start`` is the snippet's
+first position in the row and ``peak`` the example's index in the snippet.
 Because attention is causal, re-running the row's prefix up to the peak reproduces the activation.
 
 Sampling a bin uniformly without knowing in advance which tokens fall in it: every token gets a uniform random
 key (seeded per batch by its row, so a resumed run draws the same keys), and a bin keeps the ``per_bin`` tokens
 with the smallest keys. Only tokens whose key is below a per-bin rate (``oversample`` × the expected need) are
-looked at, which makes the common bins nearly free.
+looked at, which makes the common bins nearly free. Kept examples are ranked by a total order (score, then dataset
+row, then position: `best_examples`), so the same examples are kept whatever order they are merged in: batch by
+batch, or every rank's at the end of a distributed run (`ExamplesStage.reduce`, docs/distributed.md).
 
 Memory (issue 11): the kept examples are fixed per neuron; per batch the stage reads blocks of neurons of at most
 `precompute.memory.CHUNK_BYTES` (the masked batch for the top examples, the pilot's sort, the looked-at tokens).
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +45,7 @@ import numpy as np
 import torch
 
 from precompute.activations import ActivationBatch
+from precompute.distributed import Distributed
 from precompute.memory import StageMemory, chunk_bytes, chunk_rows
 from precompute.rows import Row, neuron_key
 from precompute.stage_config import ConfigError, stage_config
@@ -52,7 +59,16 @@ from precompute.stages.base import (
     selected_batch,
     selection_bytes,
 )
-from precompute.store import WRITE_CHUNK_BYTES, blob, examples
+from precompute.store import (
+    WRITE_CHUNK_BYTES,
+    blob,
+    encode_u8,
+    example_columns,
+    example_peaks,
+    example_rows,
+    examples,
+    token_itemsize,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +133,23 @@ def gather_windows(
     return acts.reshape(-1)[(rows.unsqueeze(1) * n_pos + pos) * n + neurons.unsqueeze(1)]
 
 
+def best_examples(score: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """The indices [k, n] of the best ``k`` of [candidates, n] examples per neuron: by ``score`` (largest or
+    smallest first), ties broken by the earlier dataset row, then position.
+
+    A total order of the examples makes the kept ones the same whatever order they were merged in: batch after
+    batch in one process, or every rank's kept examples at the end of a distributed run (`ExamplesStage.reduce`).
+
+    >>> best_examples(torch.tensor([[1.0], [3.0], [3.0]]), torch.tensor([[9], [5], [2]]), torch.zeros(3, 1), 2, True)
+    tensor([[2],
+            [1]])
+    """
+    order = torch.sort(pos, dim=0, stable=True).indices
+    order = order.gather(0, torch.sort(row.gather(0, order), dim=0, stable=True).indices)
+    ranked = torch.sort(score.gather(0, order), dim=0, descending=largest, stable=True).indices
+    return order.gather(0, ranked[:k])
+
+
 def merge_candidates(
     state: dict[str, Any],
     prefix: str,
@@ -126,13 +159,16 @@ def merge_candidates(
     acts: torch.Tensor,
     offsets: torch.Tensor,
 ) -> None:
-    """Keep, per neuron, the best ``k`` (by ``score``) of the kept examples and the batch's candidates.
+    """Keep, per neuron, the best ``k`` (by ``score``, `best_examples`) of the kept examples and the batch's
+    candidates.
 
     ``new`` holds [candidates, n] tensors named like the kept ones (``prefix`` + name) plus ``batch_row``; the
     activation windows are gathered only for the candidates that get in.
     """
     k = state[f"{prefix}{score}"].shape[0]
-    index = torch.topk(torch.cat([state[f"{prefix}{score}"], new[score]]), k, dim=0, largest=largest).indices
+    rows = torch.cat([state[f"{prefix}row"], new["row"]])
+    positions = torch.cat([state[f"{prefix}pos"], new["pos"]])
+    index = best_examples(torch.cat([state[f"{prefix}{score}"], new[score]]), rows, positions, k, largest)
     from_new = index >= k  # [k, n]
     if not bool(from_new.any()):
         return
@@ -155,7 +191,7 @@ class ExamplesStage(Stage):
     """The ``examples`` stage (single pass over ``hook_post``)."""
 
     name = "examples"
-    tables = (examples,)
+    tables = (examples, example_rows, example_peaks)
     config_class = ExamplesConfig
     hooks = frozenset({"hook_post"})
 
@@ -341,6 +377,56 @@ class ExamplesStage(Stage):
         windows = gather_windows(acts, rows, pos, neuron, self.offsets)  # [chosen, window]
         state["random_window"][which, :, neuron] = windows.to(torch.float16)
 
+    # --- several ranks (precompute.distributed) -----------------------------------------------------------
+
+    def share_pilot(self, group: Distributed, batch: ActivationBatch | None) -> None:
+        """Every rank cuts its quantile bins at the edges of the dataset's first batch (rank 0's ``batch``)."""
+        edges: dict[str, torch.Tensor] = {}
+        if group.is_main and batch is not None:
+            selected = selected_batch(batch, self.selection)
+            if selected.n_counted:
+                edges = {name: self._pilot_edges(selected, name, n).cpu() for name, n in self.shapes.items()}
+        for name, value in group.broadcast_object(edges).items():
+            self.state[name]["edges"] = value.to(self.device)
+
+    def reduce(self, group: Distributed) -> None:
+        """Merge the ranks' examples into those one process keeps: the bins' counters added, each random example
+        taken from the rank that read its row, and the top and quantile examples gathered and ranked again by
+        `best_examples` (the total order makes the result the same as streaming every row in one process)."""
+        n_bins = len(self.config.quantiles) + 1
+        for state in self.state.values():
+            group.all_reduce(state["bin_seen"])
+            group.all_reduce(state["bin_looked"])
+            read = state["random_value"].isfinite()  # the rank that read the row filled it; the others hold NaN
+            # -0.0 where unread: x + (-0.0) = x for every x, -0.0 included (+0.0 would turn -0.0 into +0.0)
+            value = torch.where(read, state["random_value"], -0.0)  # the sum over ranks is then exact
+            window = torch.where(read.unsqueeze(1), state["random_window"].float(), -0.0)
+            readers = read.to(torch.int64)
+            for tensor in (value, window, readers):
+                group.all_reduce(tensor)
+            state["random_value"] = torch.where(readers > 0, value, torch.nan)
+            state["random_window"] = window.to(torch.float16)
+            for prefix, score, largest in [("top_", "value", True)] + [
+                (f"bin{b}_", "key", False) for b in range(n_bins)
+            ]:
+                self._merge_ranks(group, state, prefix, score, largest)
+
+    @staticmethod
+    def _merge_ranks(group: Distributed, state: dict[str, Any], prefix: str, score: str, largest: bool) -> None:
+        """The best of every rank's kept examples of one kind, one field at a time (every rank's copy of a field
+        is held at once)."""
+        k = state[f"{prefix}{score}"].shape[0]
+        gathered = {name: torch.cat(group.all_gather(state[f"{prefix}{name}"])) for name in (score, "row", "pos")}
+        index = best_examples(gathered[score], gathered["row"], gathered["pos"], k, largest)
+        for name, value in gathered.items():
+            state[f"{prefix}{name}"] = value.gather(0, index)
+        del gathered
+        fields = [name for name in ("value", "key") if name != score and f"{prefix}{name}" in state] + ["window"]
+        for name in fields:
+            both = torch.cat(group.all_gather(state[f"{prefix}{name}"]))
+            where = index if both.dim() == 2 else index.unsqueeze(1).expand(k, both.shape[1], index.shape[1])
+            state[f"{prefix}{name}"] = both.gather(0, where)
+
     def state_dict(self) -> dict[str, Any]:
         return {"models": self.state, "done": self._done}
 
@@ -356,9 +442,21 @@ class ExamplesStage(Stage):
     def write(self, context: RunContext) -> None:
         for model in context.models:
             if model.name in self.state:
-                rows = self.example_rows(model.name, context.model_ids[model.name], model.d_mlp, context.dataset.rows)
-                written = context.store.insert_rows(examples, rows)
-                logger.info("examples: %d rows for %s", written, model.name)
+                model_id, dataset_rows = context.model_ids[model.name], context.dataset.rows
+                used: set[int] = set()
+                peaks: dict[str, array[Any]] = {n: array("q") for n in ("peak_token", "layer", "neuron", "rank")}
+                peaks["activation"] = array("d")
+                rows = self.example_rows(model.name, model_id, model.d_mlp, dataset_rows)
+                written = context.store.insert_rows(examples, _packed(rows, used, peaks))
+                # each row's tokens once, not once per example (issue 11), as narrow as the vocabulary allows
+                itemsize, order = token_itemsize(model.d_vocab), np.array(sorted(used), dtype=np.int64)
+                tokens = [blob(np.ascontiguousarray(dataset_rows[r], dtype=f"<u{itemsize}")) for r in order]
+                columns = {"model_id": model_id, "dataset_row": order, "itemsize": itemsize, "token_ids": tokens}
+                context.store.insert_columns(example_rows, columns)
+                if len(peaks["rank"]):
+                    arrays = {name: np.frombuffer(values, dtype=values.typecode) for name, values in peaks.items()}
+                    context.store.insert_columns(example_peaks, {"model_id": model_id} | arrays)
+                logger.info("examples: %d rows (neuron and kind) for %s", written, model.name)
 
     def example_rows(self, name: str, model_id: int, d_mlp: int, dataset_rows: np.ndarray) -> Iterator[Row]:
         """Every stored example of one model, as ``examples`` rows."""
@@ -405,9 +503,30 @@ class ExamplesStage(Stage):
             "start": start,
             "peak": pos - start,
             "activation": float(state[f"{prefix}value"][rank, flat]),
-            "token_ids": blob(np.ascontiguousarray(dataset_rows[row, start:end], dtype="<i4")),
-            "activations": blob(np.ascontiguousarray(window[first : first + end - start], dtype="<f2")),
+            "peak_token": int(dataset_rows[row, pos]),
+            "activations": encode_u8(window[first : first + end - start]),
         }
+
+
+def _packed(rows: Iterator[Row], used: set[int], peaks: dict[str, array[Any]]) -> Iterator[Row]:
+    """The examples as stored: one row per neuron and kind (`example_columns`), noting the dataset row of each
+    example (the rows whose tokens ``example_rows`` stores) and the top examples' peaks (``example_peaks``)."""
+    group: list[Row] = []
+    for row in rows:
+        if group and (row["layer"], row["neuron"], row["kind"]) != (
+            group[0]["layer"],
+            group[0]["neuron"],
+            group[0]["kind"],
+        ):
+            yield example_columns(group)
+            group = []
+        group.append(row)
+        used.add(row["dataset_row"])
+        if row["kind"] == "top":
+            for name in ("peak_token", "layer", "neuron", "rank", "activation"):
+                peaks[name].append(row[name])
+    if group:
+        yield example_columns(group)
 
 
 __all__ = ["ExamplesConfig", "ExamplesStage", "gather_windows", "merge_candidates"]

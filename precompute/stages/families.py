@@ -40,6 +40,7 @@ import torch
 from precompute import features as feats
 from precompute.activations import ActivationBatch
 from precompute.data import TokenSet
+from precompute.distributed import Distributed
 from precompute.memory import StageMemory, chunk_bytes, chunk_rows
 from precompute.models import decoded_vocab
 from precompute.moments import StreamingMoments, load_per_model_state, per_model_state_dict
@@ -58,7 +59,7 @@ from precompute.stages.base import (
     split_of,
     vocab_size,
 )
-from precompute.store import WRITE_CHUNK_BYTES, families, feature_scores
+from precompute.store import WRITE_CHUNK_BYTES, families, feature_columns, feature_names, feature_scores
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ class FamiliesStage(Stage):
     run's passes when the memory plan asks)."""
 
     name = "families"
-    tables = (families, feature_scores)
+    tables = (families, feature_names, feature_scores)
     config_class = FamiliesConfig
     hooks = frozenset({"hook_pre", "hook_post"})
     splittable = True
@@ -390,6 +391,22 @@ class FamiliesStage(Stage):
                 for var, ids in cats.items():
                     state[f"{var}_sum"].index_add_(0, ids[rows], x64)
 
+    def reduce(self, group: Distributed) -> None:
+        """Add up the ranks' sums: in pass 0 the category counts, power sums and firing counts; in every pass
+        this pass's block of category sums. (A rank that read no batch builds its context labels here, so every
+        rank holds the same variables.)"""
+        self._build_context_labels()
+        if self.pass_index == 0:
+            for counts in self.counts.values():
+                group.all_reduce(counts)
+        for state in self.state.values():
+            if self.pass_index == 0:
+                state["pre_moments"].reduce(group)
+                state["post_moments"].reduce(group)
+                group.all_reduce(state["fire"])
+            for key in sorted(key for key in state if key.endswith("_sum")):  # one order on every rank
+                group.all_reduce(state[key])
+
     def finish_pass(self) -> None:
         """Close a pass: with more passes to come, this block's sums become its neurons' best features; the last
         block's sums stay for `write` (and `scores`)."""
@@ -484,12 +501,14 @@ class FamiliesStage(Stage):
             top, top_vr = state["top_index"][:k], state["top_vr"][:k]  # [k, n]
             flat = np.repeat(np.arange(model.n_neurons)[None], k, axis=0)
             rank = np.repeat(np.arange(k)[:, None], model.n_neurons, axis=1)
+            # the features once per model, each score naming its feature by id (issue 11)
+            chosen = top.T.reshape(-1)
+            dictionary, ids = feature_columns(model_id, list(names[chosen]), list(sets[chosen]), shares[chosen])
+            context.store.insert_columns(feature_names, dictionary)
             context.store.insert_columns(
                 feature_scores,
                 neuron_key_columns(model_id, model.d_mlp, flat.T.reshape(-1))
-                | {"rank": rank.T.reshape(-1), "feature": list(names[top.T.reshape(-1)])}
-                | {"feature_set": list(sets[top.T.reshape(-1)]), "variance_reduction": top_vr.T.reshape(-1)}
-                | {"fraction": shares[top.T.reshape(-1)]},
+                | {"rank": rank.T.reshape(-1), "feature_id": ids, "variance_reduction": top_vr.T.reshape(-1)},
             )
             context.store.insert_rows(families, self._label_rows(model.name, model_id, model.d_mlp, names))
 

@@ -38,6 +38,7 @@ import torch
 
 from precompute.activations import ActivationBatch, HookKind
 from precompute.data import TokenSelection, TokenSet
+from precompute.distributed import Distributed
 from precompute.memory import StageMemory, chunk_bytes
 from precompute.models import LoadedModel
 from precompute.moments import (
@@ -66,9 +67,18 @@ from precompute.store import (
     WRITE_CHUNK_ROWS,
     AtlasStore,
     activation_stats,
+    encode_counts,
+    encode_u8_rows,
     histograms,
+    percentile_columns,
+    percentile_statistics,
     percentiles,
+    position_counts,
     position_profiles,
+    posting_columns,
+    token_kind_code,
+    token_postings,
+    token_table_columns,
     token_tables,
     weight_stats,
 )
@@ -152,7 +162,17 @@ class StatsStage(Stage):
     memory plan asks), plus weight statistics at write time."""
 
     name = "stats"
-    tables = (activation_stats, histograms, position_profiles, weight_stats, percentiles, token_tables)
+    tables = (
+        activation_stats,
+        histograms,
+        position_profiles,
+        position_counts,
+        weight_stats,
+        percentile_statistics,
+        percentiles,
+        token_tables,
+        token_postings,
+    )
     config_class = StatsConfig
     hooks = frozenset({"hook_pre", "hook_post"})
     splittable = True
@@ -272,6 +292,25 @@ class StatsStage(Stage):
                     state[f"{hook}_position_sq"].index_add_(0, positions[rows], x64.mul_(x64))
             state["frequency"] += batch.firing_by_position(name).sum(0)
 
+    def reduce(self, group: Distributed) -> None:
+        """Combine the ranks' state: in pass 0 every statistic (counts, power sums, histograms and position sums
+        added, minima and maxima taken); in every pass this pass's block of token sums and maxima."""
+        if self.pass_index == 0:
+            for counts in self.shared.values():
+                group.all_reduce(counts)
+            for state in self.state.values():
+                group.all_reduce(state["frequency"])
+                group.all_reduce(state["frequency_paper"])
+                for hook, _ in HOOKS:
+                    state[f"{hook}_moments"].reduce(group)
+                    group.all_reduce(state[f"{hook}_min"], "min")
+                    group.all_reduce(state[f"{hook}_max"], "max")
+                    for key in ("hist", "position_sum", "position_sq"):
+                        group.all_reduce(state[f"{hook}_{key}"])
+        for block in self.token_block.values():
+            group.all_reduce(block["sum"])
+            group.all_reduce(block["max"], "max")
+
     def finish_pass(self) -> None:
         """Close this pass's block of token tables into the top tokens of its neurons; the next block follows."""
         count = self.shared["token_count"]
@@ -346,7 +385,8 @@ class StatsStage(Stage):
         for kind in TOKEN_KINDS:
             slots = state[f"{kind}_slot"].T.numpy()  # [n_neurons, k]
             values = state[f"{kind}_value"].T.numpy()
-            tables.append(ranked_columns(model_id, d_mlp, kind, tracked[slots], values, count[slots]))
+            table = ranked_columns(model_id, d_mlp, kind, tracked[slots], values, count[slots])
+            tables.append(table | {"kind": token_kind_code(kind)})
         return tables
 
     def write(self, context: RunContext) -> None:
@@ -360,8 +400,7 @@ class StatsStage(Stage):
             store.insert_columns(activation_stats, key | {"n_tokens": n_tokens} | columns)
             self._write_histograms(store, model, model_id)
             self._write_positions(store, model, model_id)
-            for table in self.token_columns(model.name, model_id, model.d_mlp):
-                store.insert_columns(token_tables, table)
+            tables = self.token_columns(model.name, model_id, model.d_mlp)
             weights = processed_weights(model)
             statistics, projection = weight_tables(weights, top_k=min(self.config.vocab_top_k, weights.d_vocab))
             del weights
@@ -371,25 +410,30 @@ class StatsStage(Stage):
             for kind in ("unembed_top", "unembed_bottom", "embed_top"):
                 ids = getattr(projection, f"{kind}_ids").reshape(model.n_neurons, -1)
                 values = getattr(projection, f"{kind}_values").reshape(model.n_neurons, -1)
-                store.insert_columns(token_tables, ranked_columns(model_id, model.d_mlp, kind, ids, values))
-            for statistic, values in (columns | weight_columns).items():
-                percentile = within_layer_percentiles(np.asarray(values, dtype=np.float64).reshape(model.n_layers, -1))
-                where = np.flatnonzero(np.isfinite(percentile.reshape(-1)))
-                part = neuron_key_columns(model_id, model.d_mlp, where)
-                store.insert_columns(
-                    percentiles, part | {"statistic": statistic, "percentile": percentile.reshape(-1)[where]}
+                tables.append(
+                    ranked_columns(model_id, model.d_mlp, kind, ids, values) | {"kind": token_kind_code(kind)}
                 )
+            write_token_tables(store, model_id, model.d_mlp, tables)
+            del tables
+            # one row per neuron: the percentiles of the model's statistics (by name) as one array (issue 11)
+            names = sorted(columns | weight_columns)
+            values = np.full((model.n_neurons, len(names)), np.nan)
+            for i, statistic in enumerate(names):
+                by_layer = np.asarray((columns | weight_columns)[statistic], dtype=np.float64)
+                values[:, i] = within_layer_percentiles(by_layer.reshape(model.n_layers, -1)).reshape(-1)
+            positions = {"model_id": model_id, "position": np.arange(len(names)), "statistic": names}
+            store.insert_columns(percentile_statistics, positions)
+            store.insert_columns(percentiles, percentile_columns(model_id, model.d_mlp, values))
             logger.info("stats: wrote %s (%d neurons)", model.name, model.n_neurons)
 
     def _write_histograms(self, store: AtlasStore, model: LoadedModel, model_id: int) -> None:
         bins = self.config.bins
         for hook, kind in HOOKS:
             low, high = self.config.pre_range if hook == "pre" else self.config.post_range
-            counts = np.ascontiguousarray(self.state[model.name][f"{hook}_hist"].cpu().numpy(), dtype="<i8")
-            counts = counts.reshape(-1, bins + 2)
+            counts = self.state[model.name][f"{hook}_hist"].cpu().numpy().reshape(-1, bins + 2)
             for start in range(0, model.n_neurons, WRITE_CHUNK_ROWS):
                 flat = np.arange(start, min(start + WRITE_CHUNK_ROWS, model.n_neurons))
-                blobs = [counts[i].tobytes() for i in flat]
+                blobs = [encode_counts(counts[i]) for i in flat]  # narrow and compressed (issue 11)
                 store.insert_columns(
                     histograms,
                     neuron_key_columns(model_id, model.d_mlp, flat)
@@ -397,19 +441,36 @@ class StatsStage(Stage):
                 )
 
     def _write_positions(self, store: AtlasStore, model: LoadedModel, model_id: int) -> None:
+        # the counted tokens per position are the same for every neuron: one row per model (issue 11)
         count = self.shared["position_count"].cpu().numpy().astype("<i8").tobytes()
+        store.insert_columns(position_counts, {"model_id": [model_id], "count": [count]})
         for hook, kind in HOOKS:
             for start in range(0, model.n_neurons, WRITE_CHUNK_ROWS):
                 neurons = slice(start, min(start + WRITE_CHUNK_ROWS, model.n_neurons))
                 mean, std = self.position_profile(model.name, hook, neurons)
-                mean, std = np.ascontiguousarray(mean.T, dtype="<f4"), np.ascontiguousarray(std.T, dtype="<f4")
                 flat = np.arange(neurons.start, neurons.stop)
                 store.insert_columns(
                     position_profiles,
                     neuron_key_columns(model_id, model.d_mlp, flat)
-                    | {"hook": kind, "mean": [m.tobytes() for m in mean], "std": [s.tobytes() for s in std]}
-                    | {"count": count},
+                    | {"hook": kind, "mean": encode_u8_rows(mean.T), "std": encode_u8_rows(std.T)},
                 )
+
+
+def write_token_tables(store: AtlasStore, model_id: int, d_mlp: int, tables: list[dict[str, Any]]) -> None:
+    """A model's token tables (`ranked_columns` with an integer ``kind``, one per kind): one ``token_tables`` row
+    per neuron and kind for the neuron page, and the search's ``token_postings`` (issue 11)."""
+    parts: dict[str, list[np.ndarray]] = {"kind": [], "token_id": [], "flat": [], "rank": []}
+    for table in tables:
+        layer, neuron = np.asarray(table["layer"]), np.asarray(table["neuron"])
+        kind = np.full(layer.size, table["kind"], dtype=np.int64)
+        token_id, value = np.asarray(table["token_id"]), np.asarray(table["value"], dtype=np.float64)
+        count = None if table["count"] is None else np.asarray(table["count"])
+        store.insert_columns(token_tables, token_table_columns(model_id, layer, neuron, kind, token_id, value, count))
+        for name, array in zip(parts, (kind, token_id, layer * d_mlp + neuron, np.asarray(table["rank"])), strict=True):
+            parts[name].append(array)
+    if tables:
+        merged = {name: np.concatenate(arrays) for name, arrays in parts.items()}
+        store.insert_columns(token_postings, posting_columns(model_id, **merged))
 
 
 __all__ = ["ACTIVATION_STAT_COLUMNS", "StatsConfig", "StatsStage", "token_selection", "tracked_token_ids"]

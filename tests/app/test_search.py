@@ -15,9 +15,15 @@ import pytest
 
 from app.queries import search as sq
 from app.queries.neurons import NeuronFilter
+from precompute.store import decode_array, decode_examples
 from tests.app.conftest import FULL_RUN, HTML, query
 
 Key = tuple[str, int, int]
+#: The feature scores with their features' names (``feature_names``, revision 0005).
+SCORES = (
+    "(SELECT s.model_id, s.layer, s.neuron, s.rank, f.feature, s.variance_reduction FROM feature_scores s "
+    "JOIN feature_names f ON f.model_id = s.model_id AND f.feature_id = s.feature_id)"
+)
 
 
 @pytest.fixture
@@ -40,28 +46,40 @@ def expected_scores(db: Path, token_ids: list[int], vocab: dict[int, str]) -> di
         key = (names[model_id], layer, neuron)
         scores[key] = max(scores.get(key, 0.0), strength)
 
-    for model_id, layer, neuron, _kind, rank, token_id in query(
-        db, "SELECT model_id, layer, neuron, kind, rank, token_id FROM token_tables"
-    ):
+    for model_id, layer, neuron, rank, token_id in token_table_entries(db):
         if model_id in names and token_id in token_ids:
             offer(model_id, layer, neuron, 1 / (1 + rank))
     features = {f"token:{vocab[t]}" for t in token_ids}
     for model_id, layer, neuron, feature, vr in query(
-        db, "SELECT model_id, layer, neuron, feature, variance_reduction FROM feature_scores"
+        db, f"SELECT model_id, layer, neuron, feature, variance_reduction FROM {SCORES}"
     ):
         if model_id in names and feature in features:
             offer(model_id, layer, neuron, min(1.0, max(0.0, vr)))
     tops: dict[tuple[int, int, int], list[int]] = {}
-    for model_id, layer, neuron, peak, blob in query(
-        db, "SELECT model_id, layer, neuron, peak, token_ids FROM examples WHERE kind = 'top'"
-    ):
+    rows = {
+        (m, r): np.frombuffer(ids, dtype=f"<u{size}")
+        for m, r, size, ids in query(db, "SELECT model_id, dataset_row, itemsize, token_ids FROM example_rows")
+    }
+    columns = "ranks, bins, bin_ranges, dataset_rows, starts, peaks, activations, lengths, snippets"
+    for model_id, layer, neuron, *packed in query(
+        db, f"SELECT model_id, layer, neuron, {columns} FROM examples WHERE kind = 'top'"
+    ):  # the peak's token from the example's row (revision 0005), not from the table the app searches
         if model_id in names:
-            tops.setdefault((model_id, layer, neuron), []).append(int(np.frombuffer(blob, dtype="<i4")[peak]))
+            for e in decode_examples(packed):
+                token = int(rows[(model_id, e["dataset_row"])][e["start"] + e["peak"]])
+                tops.setdefault((model_id, layer, neuron), []).append(token)
     for (model_id, layer, neuron), peaks in tops.items():
         hits = sum(p in token_ids for p in peaks)
         if hits:
             offer(model_id, layer, neuron, hits / len(peaks))
     return scores
+
+
+def token_table_entries(db: Path) -> Iterator[tuple[int, int, int, int, int]]:
+    """(model, layer, neuron, rank, token id) of every entry of the token tables (arrays per neuron and kind)."""
+    for model_id, layer, neuron, ids in query(db, "SELECT model_id, layer, neuron, token_ids FROM token_tables"):
+        for rank, token_id in enumerate(decode_array(ids).tolist()):
+            yield model_id, layer, neuron, rank, token_id
 
 
 def neuron_facts(db: Path) -> dict[Key, tuple[bool, float | None, int]]:
@@ -122,17 +140,11 @@ def test_a_token_at_rank_0_ranks_above_one_at_rank_5(client, atlas_db):
     token_ids, vocab = token_search(client)
     scores = expected_scores(atlas_db, token_ids, vocab)
     names = models_of(atlas_db)
-    marks = ",".join("?" * len(token_ids))
-    ranks = {
-        (names[m], layer, neuron): rank
-        for m, layer, neuron, rank in query(
-            atlas_db,
-            f"SELECT model_id, layer, neuron, min(rank) FROM token_tables WHERE token_id IN ({marks}) "
-            "GROUP BY model_id, layer, neuron",
-            *token_ids,
-        )
-        if m in names
-    }
+    ranks: dict[Key, int] = {}
+    for m, layer, neuron, rank, token_id in token_table_entries(atlas_db):
+        if m in names and token_id in token_ids:
+            key = (names[m], layer, neuron)
+            ranks[key] = min(rank, ranks.get(key, rank))
     first = next(k for k, r in ranks.items() if r == 0)
     # a neuron whose best evidence is the token at rank 5 or lower in a token table
     later = next(k for k, r in ranks.items() if r >= 5 and scores[k] == 1 / (1 + r))
@@ -229,18 +241,18 @@ def test_family_role_and_feature_searches_rank_by_their_strength(client, atlas_d
     assert [key_of(r["neuron"]) for r in entropy] == expected_order(rank, facts)
     assert client.get("/api/v1/search", params={"q": "role:nonsense"}).json()["message"].startswith("unknown role")
 
-    (feature,) = query(atlas_db, "SELECT feature FROM feature_scores WHERE feature LIKE 'position:%' LIMIT 1")[0]
+    (feature,) = query(atlas_db, f"SELECT feature FROM {SCORES} WHERE feature LIKE 'position:%' LIMIT 1")[0]
     body = client.get("/api/v1/search", params={"q": feature}).json()
     assert body["kind"] == "feature" and body["features"] == [feature]
     found = {(names[m], la, n): min(1.0, max(0.0, v)) for m, la, n, v in query(
-        atlas_db, "SELECT model_id, layer, neuron, variance_reduction FROM feature_scores WHERE feature = ?",
+        atlas_db, f"SELECT model_id, layer, neuron, variance_reduction FROM {SCORES} WHERE feature = ?",
         feature) if m in names}  # fmt: skip
     assert [key_of(r["neuron"]) for r in rows(feature)] == expected_order(found, facts)
     assert client.get("/api/v1/search", params={"q": f"feature:{feature}"}).json()["neurons"] == len(found)
 
 
 def test_a_tokens_unigram_feature_is_evidence(client, atlas_db):
-    (name,) = query(atlas_db, "SELECT feature FROM feature_scores WHERE feature LIKE 'token:%' LIMIT 1")[0]
+    (name,) = query(atlas_db, f"SELECT feature FROM {SCORES} WHERE feature LIKE 'token:%' LIMIT 1")[0]
     body = client.get("/api/v1/search", params={"q": name, "group": "false", "per_page": 200}).json()
     assert body["kind"] == "token" and name in body["features"]
     assert any(e["kind"] == "feature" and e["label"] == name for i in body["items"] for e in i["evidence"])
@@ -269,7 +281,16 @@ def test_the_html_page_lists_the_rows_and_pages(client):
 
 # --- bounded queries -------------------------------------------------------------------------------------------
 
-SEARCHED_TABLES = ("token_tables", "feature_scores", "examples", "families", "roles", "matches", "neurons")
+SEARCHED_TABLES = (
+    "token_postings",
+    "feature_scores",
+    "example_peaks",
+    "examples",
+    "families",
+    "roles",
+    "matches",
+    "neurons",
+)
 
 
 def plan(conn: sqlite3.Connection, statement: sq.Statement) -> list[str]:
@@ -288,30 +309,39 @@ def test_every_search_statement_reads_index_ranges(atlas_db):
     ids = [m for m, _ in query(atlas_db, "SELECT id, name FROM models WHERE run_id = ?", FULL_RUN)]
     indexes = sq.present_indexes(conn)
     assert indexes == frozenset(sq.INDEXES.values())  # revision 0004 is applied by the precompute
-    (feature,) = query(atlas_db, "SELECT feature FROM feature_scores LIMIT 1")[0]
+    (feature,) = query(atlas_db, f"SELECT feature FROM {SCORES} LIMIT 1")[0]
     parts = {
         "token": [
-            sq.token_table_evidence(ids, [366, 367], indexes),
+            sq.token_table_evidence(conn, ids, [366, 367]),
             sq.feature_evidence(ids, ["token: def"], indexes),
-            sq.example_evidence(ids, [366, 367], indexes),
+            sq.example_evidence(ids, [366, 367]),
         ],
         "feature": [sq.feature_evidence(ids, [feature], indexes)],
         "family": [sq.family_evidence(ids, "none", indexes)],
         **{role: [sq.role_evidence(ids, role, indexes)] for role in ("prediction", "activation", "entropy")},
     }
-    reads = {"token": ("token_tables", "feature_scores", "e"), "feature": ("feature_scores",), "family": ("families",)}
+    reads = {"token": ("feature_scores",), "feature": ("feature_scores",), "family": ("families",)}
     filters = (NeuronFilter(), NeuronFilter(layer=1, universal=True, family="none", role="prediction", threshold=0.1))
     for name, statements in parts.items():
         for where in filters:
             lines = plan(conn, sq.ranking_statement(statements, where, 1000))
             assert_no_table_scan(lines)
             for table in reads.get(name, ("roles",)):  # each evidence through its own index
-                assert any(line.startswith(f"SEARCH {table} USING INDEX ix_") for line in lines), (name, lines)
+                uses = (f"SEARCH {table} USING INDEX ix_", f"SEARCH {table} USING COVERING INDEX ix_")
+                assert any(line.startswith(uses) for line in lines), (name, lines)
+            if name == "token":  # the token tables' entries: listed (json_each); the top examples' peaks: a key range
+                assert any(line.startswith("SCAN json_each VIRTUAL TABLE") for line in lines), lines
+                assert any(line.startswith("SEARCH e USING PRIMARY KEY (model_id=? AND peak_token=?") for line in lines)
+    postings = (
+        "SELECT postings FROM token_postings WHERE model_id IN (1, 2) AND kind IN (0, 3) AND token_id IN (366, 367)"
+    )
+    (line,) = plan(conn, sq.Statement(postings, ()))  # one key lookup per model, kind and token
+    assert line.startswith("SEARCH token_postings USING") and "(model_id=? AND kind=? AND token_id=?)" in line, line
     keys = [(ids[0], 0, n) for n in range(20)]
     for threshold in (None, 0.1):
         lines = plan(conn, sq.best_matches_statement(keys, ids, threshold))
         assert lines[0].startswith("SCAN c VIRTUAL TABLE"), lines  # the neurons' list, then primary keys
-        assert any("sqlite_autoindex_matches_1 (model_id=? AND layer=? AND neuron=?" in line for line in lines), lines
+        assert any("PRIMARY KEY (model_id=? AND layer=? AND neuron=?" in line for line in lines), lines
         assert_no_table_scan(lines)
     conn.close()
 
@@ -319,10 +349,10 @@ def test_every_search_statement_reads_index_ranges(atlas_db):
 def test_a_file_without_the_search_indexes_gives_the_same_results(client, atlas_db, make_client):
     before = [i["neuron"]["url"] for b in all_pages(client, q="def") for i in b["items"]]
     with sqlite3.connect(atlas_db) as conn:
-        for name in sorted(set(sq.INDEXES.values()) - {"ix_token_tables_token", "ix_families_family"}):
+        for name in sorted(set(sq.INDEXES.values()) - {"ix_families_family"}):
             conn.execute(f"DROP INDEX {name}")
     older = make_client(atlas_db, query_time_limit_ms=20_000)
     body = older.get("/api/v1/search", params={"q": "def"}).json()
-    assert body["examples_complete"]  # small models: the top examples are scanned instead
+    assert body["examples_complete"]  # the top examples' peaks are their own table (revision 0005)
     assert [i["neuron"]["url"] for b in all_pages(older, q="def") for i in b["items"]] == before
     assert older.get("/api/v1/search", params={"q": "role:entropy"}).json()["neurons"] > 0

@@ -23,6 +23,7 @@ from precompute.activations import run_mlp_hooks
 from precompute.data import DatasetConfig, build_dataset
 from precompute.features import normalise
 from precompute.models import load_model, resolve_source
+from precompute.store import TOKEN_TABLE_KINDS, decode_array, decode_examples
 from precompute.training.tokenizer import load_tokenizer
 
 TOKENS, CTX, BATCH = 6000, 64, 8
@@ -92,20 +93,25 @@ def test_every_model_gets_every_table_and_the_run_records_timings(analysed):
             assert query(db, f"SELECT count(*) FROM {table} WHERE model_id = ?", model_id) == [
                 (n_neurons * per_neuron,)
             ]
-        kinds = dict(query(db, "SELECT kind, count(*) FROM token_tables WHERE model_id = ? GROUP BY kind", model_id))
+        # one row per (neuron, kind) since revision 0005: its ranked tokens are arrays
+        kinds: dict[str, int] = {}
+        for kind, token_ids in query(db, "SELECT kind, token_ids FROM token_tables WHERE model_id = ?", model_id):
+            name = TOKEN_TABLE_KINDS[kind]
+            kinds[name] = kinds.get(name, 0) + len(decode_array(token_ids))
         assert kinds["unembed_top"] == kinds["unembed_bottom"] == kinds["embed_top"] == 20 * n_neurons
         assert 0 < kinds["mean_activation"] <= 20 * n_neurons and kinds["max_activation"] == 20 * n_neurons
         statistics = {
-            s for (s,) in query(db, "SELECT DISTINCT statistic FROM percentiles WHERE model_id = ?", model_id)
+            s for (s,) in query(db, "SELECT statistic FROM percentile_statistics WHERE model_id = ?", model_id)
         }
         assert {"pre_kurt", "frequency", "l2_penalty", "vocab_kurt", "input_bias", "in_out_sim"} <= statistics
-        low, high = query(db, "SELECT min(percentile), max(percentile) FROM percentiles WHERE model_id = ?", model_id)[
-            0
+        stored = [
+            decode_array(b) for (b,) in query(db, "SELECT percentiles FROM percentiles WHERE model_id = ?", model_id)
         ]
+        assert len(stored) == n_neurons and all(len(p) == len(statistics) for p in stored)
+        low, high = np.nanmin(np.concatenate(stored)), np.nanmax(np.concatenate(stored))
         assert 0 < low < 5 and 95 < high <= 100
-        assert query(
-            db, "SELECT count(*) FROM examples WHERE model_id = ? AND kind = 'top' AND rank = 0", model_id
-        ) == [(n_neurons,)]
+        tops = query(db, "SELECT n_examples FROM examples WHERE model_id = ? AND kind = 'top'", model_id)
+        assert len(tops) == n_neurons and all(n > 0 for (n,) in tops)
         ranks = query(db, "SELECT count(*) FROM feature_scores WHERE model_id = ? AND rank = 0", model_id)
         assert ranks == [(n_neurons,)]
 
@@ -134,19 +140,33 @@ def test_top_examples_are_the_dataset_maximum_and_rerun_to_the_same_activation(a
     dataset = analysed.dataset
     post = analysed.acts["hook_post"]  # [rows, ctx, n_neurons]
     dataset_max = np.where(dataset.counted[..., None], post, -np.inf).max(axis=(0, 1))
-    top = query(
-        analysed.db,
-        "SELECT layer, neuron, dataset_row, start, peak, activation, token_ids, activations "
-        "FROM examples WHERE model_id = ? AND kind = 'top' AND rank = 0 ORDER BY layer, neuron",
+    db = analysed.db
+    row_tokens = {
+        row: np.frombuffer(ids, dtype=f"<u{itemsize}")
+        for row, itemsize, ids in query(
+            db, "SELECT dataset_row, itemsize, token_ids FROM example_rows WHERE model_id = ?", analysed.base_id
+        )
+    }
+    top = []
+    for layer, neuron, *packed in query(
+        db,
+        "SELECT layer, neuron, ranks, bins, bin_ranges, dataset_rows, starts, peaks, activations, lengths, snippets "
+        "FROM examples WHERE model_id = ? AND kind = 'top' ORDER BY layer, neuron",
         analysed.base_id,
-    )
+    ):
+        first = decode_examples(packed)[0]
+        assert first["rank"] == 0
+        top.append((layer, neuron, first))
     assert len(top) == 2 * 64
     rerun = set(np.random.default_rng(0).choice(len(top), size=12, replace=False).tolist())
-    for index, (layer, neuron, row, start, peak, activation, token_ids, window) in enumerate(top):
+    for index, (layer, neuron, example) in enumerate(top):
+        row, start, peak, activation = (example[k] for k in ("dataset_row", "start", "peak", "activation"))
         assert activation == pytest.approx(dataset_max[layer * 64 + neuron], abs=1e-5)
-        tokens = np.frombuffer(token_ids, dtype="<i4")
-        np.testing.assert_array_equal(tokens, dataset.rows[row, start : start + len(tokens)])
-        assert float(np.frombuffer(window, dtype="<f2")[peak]) == pytest.approx(activation, rel=1e-3, abs=1e-3)
+        np.testing.assert_array_equal(row_tokens[row], dataset.rows[row])  # the row's tokens, stored once
+        window = example["activations"]  # 8-bit codes: within half a step, 1/508 of the snippet's range
+        assert start + len(window) <= dataset.ctx
+        tolerance = float(np.nanmax(window) - np.nanmin(window)) / 508 + 1e-6
+        assert float(window[peak]) == pytest.approx(activation, abs=tolerance)
         if index in rerun:  # attention is causal: the row's prefix up to the peak is the whole context
             prefix = torch.from_numpy(dataset.rows[row, : start + peak + 1][None])
             again = run_mlp_hooks(analysed.model, prefix, ("hook_post",))["hook_post"][0, -1, layer, neuron]
@@ -205,8 +225,9 @@ def test_a_neuron_wired_to_one_token_is_labelled_unigram_for_it(tiny_family, tmp
     assert json.loads(evidence)["best"]["unigram"][0] == feature
     ranked = query(
         db,
-        "SELECT feature, feature_set, variance_reduction FROM feature_scores WHERE model_id = ? AND "
-        "layer = 0 AND neuron = 17 ORDER BY rank",
+        "SELECT f.feature, f.feature_set, s.variance_reduction FROM feature_scores s JOIN feature_names f "
+        "ON f.model_id = s.model_id AND f.feature_id = s.feature_id WHERE s.model_id = ? AND "
+        "s.layer = 0 AND s.neuron = 17 ORDER BY s.rank",
         planted_id,
     )
     assert ranked[0] == (feature, "unigram", pytest.approx(vr))

@@ -12,6 +12,7 @@ from precompute.activations import ActivationBatch
 from precompute.data import DatasetConfig, TokenDataset
 from precompute.pipeline import ConfigError
 from precompute.stages.examples import ExamplesStage, gather_windows
+from precompute.store import decode_u8
 
 N_ROWS, CTX, N_LAYERS, D_MLP = 14, 40, 2, 4
 
@@ -66,8 +67,11 @@ def stored(stage: ExamplesStage, context) -> list[dict]:
     rows = list(stage.example_rows("m", 3, D_MLP, context.dataset.rows))
     for row in rows:
         row["flat"] = row["layer"] * D_MLP + row["neuron"]
-        row["token_array"] = np.frombuffer(row["token_ids"], dtype="<i4")
-        row["activation_array"] = np.frombuffer(row["activations"], dtype="<f2")
+        # the snippet's tokens are stored once per dataset row (``example_rows``), its activations as uint8 codes
+        row["activation_array"] = decode_u8(row["activations"])
+        start = row["start"]
+        row["token_array"] = context.dataset.rows[row["dataset_row"], start : start + row["activation_array"].size]
+        assert row["peak_token"] == row["token_array"][row["peak"]]
     return rows
 
 
@@ -89,8 +93,9 @@ def test_top_examples_are_the_best_row_maxima_with_their_contexts():
             end = min(CTX, pos + 9)
             assert r["start"] == max(0, pos - 24)
             np.testing.assert_array_equal(r["token_array"], context.dataset.rows[r["dataset_row"], r["start"] : end])
-            expected = post[r["dataset_row"], r["start"] : end, flat].astype(np.float16)
-            np.testing.assert_array_equal(r["activation_array"], expected)
+            expected = post[r["dataset_row"], r["start"] : end, flat].astype(np.float16).astype(np.float64)
+            step = np.ptp(expected) / 254  # uint8 codes: within half a step of the snippet's range
+            np.testing.assert_allclose(r["activation_array"], expected, rtol=0, atol=step / 2 * 1.01 + 1e-6)
 
 
 def test_quantile_bins_hold_every_token_of_the_bin_when_per_bin_is_large():
