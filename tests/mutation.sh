@@ -21,8 +21,9 @@ declare -A MUTATION_GROUPS=(
     [correlation]="precompute/correlation.py | tests/unit/test_correlation.py"
     [universality]="precompute/universality.py | tests/unit/test_universality.py"
     [moments]="precompute/moments.py | tests/unit/test_stats.py"
-    [families]="precompute/features.py precompute/stages/families.py | tests/unit/test_features.py"
+    [families]="precompute/features.py precompute/stages/families.py | tests/unit/test_features.py tests/unit/test_paper_definitions.py"
     [weights]="precompute/weights.py | tests/unit/test_weights.py"
+    [roles]="precompute/stages/roles.py precompute/causal.py | tests/unit/test_roles.py"
     [store]="precompute/store.py | tests/unit/test_store.py tests/unit/test_published.py"
     [queries]="app/queries/*.py | tests/app/test_threshold.py tests/app/test_api_contract.py tests/app/test_pages.py"
 )

@@ -16,6 +16,7 @@ from precompute.correlation import (
     CorrelationEngine,
     CorrelationError,
     ModelShape,
+    layer_rotation_seed,
     rotation_matrix,
 )
 
@@ -231,3 +232,59 @@ def test_gpu_precisions_agree_with_float64(precision):
     for key, result in exact.results.items():
         np.testing.assert_allclose(fast.results[key].top_corr[:, 0], result.top_corr[:, 0], atol=tolerance)
         np.testing.assert_allclose(fast.results[key].baseline_corr, result.baseline_corr, atol=tolerance)
+
+
+# --- mutation testing (docs/testing.md): checks that killed mutmut's survivors ---------------------------------
+
+
+def _reloaded(engine: CorrelationEngine, shapes, config: CorrelationConfig) -> CorrelationEngine:
+    """The pipeline's checkpoint: torch.save of the state dict, loaded into a fresh engine."""
+    import io
+
+    saved = io.BytesIO()
+    torch.save(engine.state_dict(), saved)
+    saved.seek(0)
+    fresh = CorrelationEngine(shapes, config)
+    fresh.load_state_dict(torch.load(saved, weights_only=False))
+    return fresh
+
+
+@pytest.mark.parametrize("checkpoint", [(0, 2), (1, 0), (1, 1)], ids=["pass0-batch2", "between-passes", "pass1-batch1"])
+def test_split_run_resumed_from_any_checkpoint_matches_numpy(checkpoint):
+    """A three-pass run stopped after two batches of pass 0 (the sums of moments are no longer ~0 in the shifted
+    basis), between passes (no accumulator saved; the rotated spreads of pass 0 are needed later) or inside pass 1,
+    then resumed, gives the uninterrupted run's results, and those are NumPy's."""
+    rng = np.random.default_rng(11)
+    acts = {name: random_activations(rng, 6, 12, 3, 4, offset=2.0) for name in "ab"}
+    acts["b"][..., 2, 1] += 3.0 * acts["a"][..., 0, 3]
+    counted = rng.random((6, 12)) > 0.1
+    shapes = [ModelShape(name, 3, 4) for name in "ab"]
+    config = CorrelationConfig(memory_budget_gb=4 * 12 * 8 / 2**30, top_k=2)  # one layer of a per pass
+    batches = make_batches(acts, counted, [2, 4])
+    reference = run_engine(shapes, acts, counted, [2, 4], memory_budget_gb=config.memory_budget_gb, top_k=2)
+    assert reference.n_passes == 3
+
+    engine = CorrelationEngine(shapes, config)
+    while not engine.done:
+        for index, batch in enumerate(batches):
+            if (engine.pass_index, index) == checkpoint:
+                engine = _reloaded(engine, shapes, config)
+            engine.update(batch)
+        engine.finish_pass()
+    for key, result in reference.results.items():
+        for name, value in vars(result).items():
+            torch.testing.assert_close(getattr(engine.results[key], name), value, msg=f"{key} {name}")
+
+    x, y = acts["a"][counted].reshape(-1, 12), acts["b"][counted].reshape(-1, 12)
+    expected = numpy_corr(x, y)
+    np.testing.assert_allclose(engine.results[(0, 1)].top_corr.numpy(), -np.sort(-expected, axis=1)[:, :2], atol=1e-6)
+    np.testing.assert_allclose(engine.results[(1, 0)].top_corr.numpy(), -np.sort(-expected.T, axis=1)[:, :2], atol=1e-6)
+    assert [m.count for m in engine.moments] == [int(counted.sum())] * 2
+
+
+def test_every_layer_of_every_model_gets_its_own_rotation_seed():
+    """Seeds of (run seed, model, layer) are distinct 62-bit numbers, so no two layers share a rotation."""
+    keys = [(seed, name, layer) for seed in (0, 1) for name in ("a", "b", "gpt2-seed-3") for layer in range(12)]
+    seeds = [layer_rotation_seed(*key) for key in keys]
+    assert len(set(seeds)) == len(keys)
+    assert all(0 <= seed < 2**62 for seed in seeds)

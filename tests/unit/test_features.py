@@ -320,3 +320,126 @@ def test_families_split_over_passes_keeps_the_same_best_features():
     for key in ("top_index", "top_vr", "best_index", "best_vr"):
         np.testing.assert_array_equal(split.state["m"][key], whole.state["m"][key])
     assert whole.state["m"]["best_vr"].max() > 0
+
+
+# --- mutation testing (docs/testing.md): checks that killed mutmut's survivors ---------------------------------
+
+
+def test_family_rows_cover_every_neuron_once_with_its_position_mi_over_several_chunks(monkeypatch):
+    """`_label_rows` in chunks of 3 neurons: one row per neuron, in order, each with the firing/position MI that
+    NumPy computes from the raw pre-activations (Σ_p P(p)·KL(Bernoulli(r_p) ‖ Bernoulli(r))) and SciPy's
+    kurtosis in its evidence. Neuron 0 is a planted position neuron (pre ≈ +2 early in the row, −2 late: kurtosis
+    about 1), neuron 6 a constant one (kurtosis undefined: never a position neuron, no kurtosis in its evidence)."""
+    import scipy.stats
+
+    import precompute.stages.families as families_module
+    from tests.factories import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    dataset = build_dataset(DatasetConfig(tokens=2000, ctx=32, batch_size=8), tokenizer, model_ctx=32)
+    model = SimpleNamespace(name="m", n_layers=1, d_mlp=7, n_neurons=7, d_vocab=len(tokenizer), tokenizer=tokenizer)
+    config = SimpleNamespace(analysis={"families": {"unigram_min_count": 5}}, device="cpu")
+    stage = FamiliesStage(SimpleNamespace(config=config, dataset=dataset, models=[model]))
+    generator = torch.Generator().manual_seed(3)
+    fire, count, pres = np.zeros((32, 7)), np.zeros(32), []
+    for start in dataset.batch_starts():
+        tokens = torch.from_numpy(dataset.rows[start : start + 8])
+        counted = torch.from_numpy(dataset.counted[start : start + 8])
+        pre = torch.randn(*tokens.shape, 1, 7, generator=generator)
+        pre[..., 0, 0] = 0.3 * pre[..., 0, 0] + torch.where(torch.arange(32) < 16, 2.0, -2.0)
+        pre[..., 0, 5] += torch.linspace(-2.0, 2.0, 32)  # fires late in the row
+        pre[..., 0, 6] = -1.0
+        stage.update(ActivationBatch(start, tokens, counted, {"m": torch.nn.functional.gelu(pre)}, {"m": pre}))
+        mask = counted.numpy()
+        fire += ((pre[..., 0, :].numpy() > 0) & mask[..., None]).sum(axis=0)
+        count += mask.sum(axis=0)
+        pres.append(pre[..., 0, :].numpy()[mask])
+    stage.finish_pass()
+    stage._reduce("m", stage.blocks["m"][stage.pass_index])
+    names = np.asarray([name for f in stage.features.values() for name in f.names], dtype=object)
+    monkeypatch.setattr(families_module, "chunk_rows", lambda *args, **kwargs: 3)  # chunks of 3, 3 and 1 neurons
+    rows = list(stage._label_rows("m", 9, 7, names))
+
+    p_position, rate = count / count.sum(), fire.sum(axis=0) / count.sum()
+    expected = np.zeros(7)
+    for p in np.flatnonzero(count):  # position 0 (BOS) is never counted
+        r_p = fire[p] / count[p]
+        for a, b in ((r_p, rate), (1 - r_p, 1 - rate)):
+            with np.errstate(divide="ignore", invalid="ignore"):  # b = 0 only where a = 0 (neuron 6): no term
+                expected += p_position[p] * np.where(a > 0, a * np.log(np.where(a > 0, a, 1) / b), 0.0)
+    assert [(row["model_id"], row["layer"], row["neuron"]) for row in rows] == [(9, 0, n) for n in range(7)]
+    np.testing.assert_allclose([row["position_mi"] for row in rows], expected, rtol=1e-9)
+    assert expected[[0, 5]].min() > 5 * np.delete(expected, [0, 5, 6]).max()  # the planted neurons stand out
+    kurtosis = scipy.stats.kurtosis(np.concatenate(pres)[:, 0], fisher=False)
+    assert kurtosis < 2 and rows[0]["family"] == "position"
+    assert set(rows[0]["evidence"]) == {"rule", "pre_kurt", "best"}
+    assert (
+        rows[0]["evidence"]["pre_kurt"] == pytest.approx(kurtosis, abs=1e-4)
+        and "kurtosis" in rows[0]["evidence"]["rule"]
+    )
+    assert rows[6]["family"] != "position" and rows[6]["evidence"]["pre_kurt"] is None
+
+
+@pytest.mark.parametrize(
+    ("best", "kurt", "mi", "expected"),
+    [
+        # a VR exactly on a threshold is not above it: the next rule decides
+        ({"unigram": ("token:x", 0.5), "previous_token": ("prev_token:y", 0.5)}, 5.0, 0.0, ("none", "token:x", 0.5)),
+        ({"previous_token": ("prev_token:(", 0.6)}, 5.0, 0.0, ("previous_token", "prev_token:(", 0.6)),
+        ({"position": ("position:<4", 0.2)}, 2.0, 0.3, ("none", "position:<4", 0.2)),  # kurtosis not below 2
+        ({"position": ("position:<4", 0.2)}, 1.5, 0.05, ("none", "position:<4", 0.2)),  # MI not above 0.05
+        ({"position": ("position:<4", 0.2)}, 1.5, 0.06, ("position", "position:<4", 0.2)),
+        ({"unigram": ("token:x", 0.1)}, 1.5, 0.3, ("position", None, None)),  # no position feature in the run
+        # the best of syntax and spaCy, by VR; exactly 0.35 is not enough
+        (
+            {"syntax": ("syntax:name", 0.4), "spacy": ("spacy:pos=NOUN", 0.45)},
+            5.0,
+            0.0,
+            ("syntax", "spacy:pos=NOUN", 0.45),
+        ),
+        (
+            {"syntax": ("syntax:name", 0.42), "spacy": ("spacy:pos=NOUN", 0.4)},
+            5.0,
+            0.0,
+            ("syntax", "syntax:name", 0.42),
+        ),
+        ({"spacy": ("spacy:dep=nsubj", 0.35)}, 5.0, 0.0, ("none", "spacy:dep=nsubj", 0.35)),
+        ({}, 5.0, 0.0, ("none", None, None)),
+    ],
+)
+def test_family_rules_return_the_feature_and_vr_that_decided(best, kurt, mi, expected):
+    family, feature, vr, rule = label_neuron(best, kurt, mi, FamiliesConfig())
+    assert (family, feature, vr) == expected
+    assert (
+        rule
+        == {
+            "none": "no rule holds",
+            "previous_token": "previous-token VR > 0.5",
+            "position": "kurtosis < 2.0 and position MI > 0.05",
+            "syntax": "syntax VR > 0.35",
+        }[family]
+    )
+
+
+def test_alphabet_label_names_the_letter_feature():
+    family, feature, vr, rule = label_neuron({}, 5.0, 0.0, FamiliesConfig(), ("token:q", 0.7))
+    assert (family, feature, vr, rule) == ("alphabet", "token:q", 0.7, "the model's best neuron for token:q, VR > 0.35")
+
+
+def test_position_mutual_information_by_hand_with_empty_and_single_token_positions():
+    """Plain-float MI per neuron; position 1 has no counted token (no weight), position 2 exactly one."""
+    import math
+
+    count = np.array([4, 0, 1, 5])
+    fire = np.array([[3.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.0, 3.0]])  # neuron 0 fires at a rate of 0.4
+    total = 10
+    expected = []
+    for n in range(2):
+        r = fire[:, n].sum() / total
+        mi = 0.0
+        for p in (0, 2, 3):
+            r_p = fire[p, n] / count[p]
+            for a, b in ((r_p, r), (1 - r_p, 1 - r)):
+                mi += count[p] / total * (a * math.log(a / b) if a > 0 else 0.0)
+        expected.append(mi)
+    np.testing.assert_allclose(position_mutual_information(fire, count), expected, rtol=1e-12)

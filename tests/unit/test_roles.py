@@ -252,3 +252,21 @@ def test_planted_attention_neurons(planted, rows):
     # removing a positive activation that pulls queries toward BOS lowers the attention to BOS
     assert ablated[neurons["deactivation"]]["pearson_bos"] < 0 < ablated[neurons["activation"]]["pearson_bos"]
     assert ablated[neurons["deactivation"]]["n_points"] == 4 * (64 - 8)
+
+
+# --- mutation testing (docs/testing.md): checks that killed mutmut's survivors ---------------------------------
+
+
+def test_path_ablation_correlations_pair_each_change_with_the_activation():
+    """Hand-built points: Δ attention to BOS falls monotonically with the activation and Δ‖z‖ rises, non-linearly,
+    so each Spearman is exactly ∓1 while each Pearson is NumPy's correlation of the matching columns."""
+    from precompute.causal import correlations
+
+    activation = np.array([0.5, 1.0, 2.0, 3.0, 5.0])
+    points = np.stack([activation, -(activation**3), activation**2], axis=1)
+    got = correlations(points)
+    assert set(got) == {"pearson_bos", "spearman_bos", "pearson_norm", "spearman_norm"}
+    assert got["spearman_bos"] == pytest.approx(-1.0) and got["spearman_norm"] == pytest.approx(1.0)
+    assert got["pearson_bos"] == pytest.approx(np.corrcoef(activation, -(activation**3))[0, 1], rel=1e-12)
+    assert got["pearson_norm"] == pytest.approx(np.corrcoef(activation, activation**2)[0, 1], rel=1e-12)
+    assert -1 < got["pearson_bos"] < -0.9 and 0.9 < got["pearson_norm"] < 1

@@ -15,6 +15,7 @@ from precompute.weights import (
     WeightError,
     bos_attention_scores,
     bos_score_sigma,
+    bos_token_id,
     default_null_space_dim,
     near_null_space,
     processed_weights,
@@ -176,3 +177,65 @@ def test_bos_score_sigma_is_the_spread_of_random_directions():
     scores = bos_attention_scores(w, directions)
     assert np.isnan(scores[1]).all() and np.isnan(scores[0, :, 0]).all()
     np.testing.assert_allclose(scores[0, :, 1].std(axis=0), bos_score_sigma(directions)[1], rtol=0.05)
+
+
+# --- mutation testing (docs/testing.md): checks that killed mutmut's survivors ---------------------------------
+
+
+def test_processed_weights_are_float32_for_a_half_precision_model():
+    """A bfloat16 model's weights reach the statistics as float32 (the same numbers, widened)."""
+    w = synthetic(d_vocab=40)
+    half = {name: getattr(w, name).bfloat16() for name in ("W_in", "b_in", "W_out", "W_U", "W_E")}
+    model = SimpleNamespace(name="half", bridge=SimpleNamespace(**half), tokenizer=list(range(40)))
+    processed = processed_weights(model)
+    for name, value in half.items():
+        got = getattr(processed, name)
+        assert got.dtype == torch.float32, name
+        assert torch.equal(got, value.float()), name
+
+
+def test_bos_token_id_falls_back_to_eos():
+    def model(bos, eos):
+        return SimpleNamespace(tokenizer=SimpleNamespace(bos_token_id=bos, eos_token_id=eos))
+
+    assert bos_token_id(model(3, 7)) == 3
+    assert bos_token_id(model(0, 7)) == 0  # id 0 is a BOS id, not a missing one
+    assert bos_token_id(model(None, 7)) == 7
+
+
+def test_bos_score_sigma_centres_each_head_and_divides_by_the_centred_dimension():
+    """σ = |P d| / √(d_model − 1), P the centring projector, per head: directions with a non-zero mean, by hand."""
+    directions = torch.tensor([[[1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 0.0, 0.0, 0.0, 10.0]]], dtype=torch.float64)
+    expected = [
+        np.linalg.norm(np.array(d) - np.mean(d)) / 2.0  # sqrt(5 - 1)
+        for d in ([1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 0.0, 0.0, 0.0, 10.0])
+    ]
+    np.testing.assert_allclose(bos_score_sigma(directions)[0], expected, rtol=1e-12)
+    assert expected[0] == pytest.approx(np.sqrt(10) / 2) and expected[1] == pytest.approx(np.sqrt(80) / 2)
+
+
+def test_random_direction_vocab_var_is_numpys_trace_over_vocabulary_chunks(monkeypatch):
+    """tr(Cov_v ŵ_v) / (d_model − 1) by NumPy float64, for unit columns with a non-zero mean, summed over 8 chunks."""
+    import precompute.weights as weights_module
+
+    W_U = torch.randn(6, 50, generator=torch.Generator().manual_seed(9)) + torch.linspace(0.0, 2.0, 6)[:, None]
+    unit = W_U.double().numpy() / np.linalg.norm(W_U.double().numpy(), axis=0)
+    expected = np.trace(np.cov(unit, bias=True)) / (6 - 1)
+    monkeypatch.setattr(weights_module, "chunk_rows", lambda *args, **kwargs: 7)  # vocabulary chunks of 7 tokens
+    assert random_direction_vocab_var(W_U) == pytest.approx(expected, rel=1e-9)
+
+
+def test_near_null_space_takes_any_dimension_up_to_the_centred_one():
+    """dim = d_model − 1 is the whole centred subspace (projector I − 11ᵀ/d); one more is refused, by number."""
+    w = synthetic()
+    null = near_null_space(w.W_U, dim=15)
+    np.testing.assert_allclose((null @ null.T).numpy(), np.eye(16) - 1 / 16, atol=1e-10)
+    with pytest.raises(WeightError, match=r"d_model - 1 = 15, got 16"):
+        near_null_space(w.W_U, dim=16)
+
+
+def test_statistics_use_the_null_space_dimension_asked_for():
+    """null_space_dim reaches the near-null space: NumPy's bottom singular directions of that many dimensions."""
+    w = synthetic()
+    fast = weight_statistics(w, null_space_dim=5)  # the default for d_model 16 is 1
+    np.testing.assert_allclose(fast["null_space_fraction"], naive_statistics(w, 5)["null_space_fraction"], atol=1e-6)
