@@ -32,7 +32,9 @@ from precompute.correlation import (
     CorrelationConfig,
     CorrelationEngine,
     ModelShape,
+    ScaledOperand,
     bf16_matmul_fp32,
+    fp8_matmul_fp32,
     model_pairs,
 )
 
@@ -102,7 +104,22 @@ def ceiling_update(
     acts: list[torch.Tensor], pairs: list[tuple[int, int]], precision: str, with_gram: bool
 ) -> Callable[[], None]:
     """The bare GEMMs of one batch in the engine's precision: the cross products of every pair, and (with_gram)
-    the within-layer Gram products of every model that the rotated baseline needs."""
+    the within-layer Gram products of every model that the rotated baseline needs. For fp8 the operands are
+    quantized beforehand (`ScaledOperand`), so only the scaled GEMMs are timed."""
+    if precision == "fp8":
+        scaled = [ScaledOperand.quantize(a[0].reshape(a.shape[1], -1).float().clone()) for a in acts]
+        d_mlp = acts[0].shape[-1]
+        layers = [[s.columns(slice(i * d_mlp, (i + 1) * d_mlp)) for i in range(acts[0].shape[2])] for s in scaled]
+
+        def update_fp8() -> None:
+            for a, b in pairs:
+                fp8_matmul_fp32(scaled[a], scaled[b])
+            if with_gram:
+                for model in layers:
+                    for layer in model:
+                        fp8_matmul_fp32(layer, layer)
+
+        return update_fp8
     dtype = {"float64": torch.float64, "float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16}
     flat = [a[0].reshape(a.shape[1], -1).to(dtype[precision]) for a in acts]
     per_layer = [a[0].transpose(0, 1).to(dtype[precision]) for a in acts]  # [layers, tokens, d_mlp]
@@ -118,14 +135,47 @@ def ceiling_update(
     return update
 
 
-def run(args: argparse.Namespace) -> dict:
+def closed_results(
+    shapes: list[ModelShape], config: CorrelationConfig, batch: ActivationBatch, device: torch.device
+) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One batch through a fresh engine, pass closed: per ordered pair (best partner correlation, its index, best
+    rotated-baseline correlation), on the CPU."""
+    engine = CorrelationEngine(shapes, config, device=str(device), n_passes=1)
+    engine.update(batch)
+    engine.finish_pass()
+    results = {}
+    for key, result in engine.results.items():
+        results[key] = (result.top_corr[:, 0].cpu(), result.top_index[:, 0].cpu(), result.baseline_corr.cpu())
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+def error_against(
+    results: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    reference: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> dict[str, float]:
+    """How far a precision's results are from float64's: max and mean |Δρ| of every neuron's best partner and of
+    its best rotated unit, and the share of neurons whose best partner is the same neuron."""
+    best = torch.cat([(results[k][0] - reference[k][0]).abs() for k in reference])
+    baseline = torch.cat([(results[k][2] - reference[k][2]).abs() for k in reference])
+    same = torch.cat([results[k][1] == reference[k][1] for k in reference])
+    finite = best.isfinite()
+    return {
+        "max_abs_error_best_rho": round(float(best[finite].max()), 6),
+        "mean_abs_error_best_rho": round(float(best[finite].mean()), 7),
+        "max_abs_error_baseline_rho": round(float(baseline[baseline.isfinite()].max()), 6),
+        "same_best_partner": round(float(same.double().mean()), 5),
+    }
+
+
+def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     acts = synthetic_activations(args.models, args.tokens, args.layers, args.d_mlp, device)
     shapes = [ModelShape(f"model-{i}", args.layers, args.d_mlp) for i in range(args.models)]
-    config = CorrelationConfig(precision=args.precision, reference_only=args.reference_only)
-    engine = CorrelationEngine(shapes, config, device=str(device))
     pairs = model_pairs(args.models, args.reference_only)
     batch = ActivationBatch(
         row_start=0,
@@ -134,44 +184,61 @@ def run(args: argparse.Namespace) -> dict:
         hook_post={shape.name: act for shape, act in zip(shapes, acts, strict=True)},
         hook_pre={},
     )
-    if device.type == "cuda" and engine.precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-    functions = {
-        "engine": lambda: engine.update(batch),
-        "ceiling": ceiling_update(acts, pairs, engine.precision, with_gram=False),
-        "all_gemms": ceiling_update(acts, pairs, engine.precision, with_gram=True),
-    }
-    if not args.skip_paper:
-        functions["paper"] = paper_update(acts, args.layers, args.d_mlp)
-        functions["paper_baseline"] = paper_update(acts, args.layers, args.d_mlp, rotate=True)
-    seconds = interleaved_medians(functions, device, args.repeats)
-    engine_seconds, ceiling_seconds, all_gemm_seconds = seconds["engine"], seconds["ceiling"], seconds["all_gemms"]
-    paper_seconds = seconds.get("paper")
-    n_neurons = args.layers * args.d_mlp
-    pair_tokens = args.tokens * len(pairs)
-    result = {
-        "bench": "correlation",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "models": args.models,
-        "pairs": len(pairs),
-        "neurons_per_model": n_neurons,
-        "tokens_per_batch": args.tokens,
-        "precision": engine.precision,
-        "engine_tokens_per_s_per_pair": round(pair_tokens / engine_seconds, 1),
-        "ceiling_tokens_per_s_per_pair": round(pair_tokens / ceiling_seconds, 1),
-        "fraction_of_ceiling": round(ceiling_seconds / engine_seconds, 3),
-        "fraction_of_all_gemms": round(all_gemm_seconds / engine_seconds, 3),
-        "engine_tflops_cross_products": round(2 * n_neurons**2 * pair_tokens / engine_seconds / 1e12, 3),
-    }
-    if paper_seconds is not None:
-        # The paper needs two runs for what the engine gives in one: correlations, then the rotated baseline.
-        paper_total = paper_seconds + seconds["paper_baseline"]
-        result["paper_tokens_per_s_per_pair"] = round(args.tokens / paper_total, 1)
-        result["paper_tokens_per_s_per_pair_without_baseline"] = round(args.tokens / paper_seconds, 1)
-        result["ratio_to_paper"] = round((pair_tokens / engine_seconds) / (args.tokens / paper_total), 2)
-    return result
+    precisions = args.precision.split(",") if args.precision else [None]
+    reference = None
+    if args.error_reference:
+        reference = closed_results(shapes, CorrelationConfig(precision="float64"), batch, device)
+    rows = []
+    for precision in precisions:
+        config = CorrelationConfig(precision=precision, reference_only=args.reference_only)  # type: ignore[arg-type]
+        engine = CorrelationEngine(shapes, config, device=str(device))
+        torch.backends.cuda.matmul.allow_tf32 = engine.precision == "tf32"
+        functions = {
+            "engine": lambda engine=engine: engine.update(batch),
+            "ceiling": ceiling_update(acts, pairs, engine.precision, with_gram=False),
+            "all_gemms": ceiling_update(acts, pairs, engine.precision, with_gram=True),
+        }
+        if not args.skip_paper:
+            functions["paper"] = paper_update(acts, args.layers, args.d_mlp)
+            functions["paper_baseline"] = paper_update(acts, args.layers, args.d_mlp, rotate=True)
+        seconds = interleaved_medians(functions, device, args.repeats)
+        engine_seconds, ceiling_seconds, all_gemm_seconds = seconds["engine"], seconds["ceiling"], seconds["all_gemms"]
+        n_passes = engine.n_passes
+        del engine, functions
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        paper_seconds = seconds.get("paper")
+        n_neurons = args.layers * args.d_mlp
+        pair_tokens = args.tokens * len(pairs)
+        result = {
+            "bench": "correlation",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "models": args.models,
+            "pairs": len(pairs),
+            "neurons_per_model": n_neurons,
+            "tokens_per_batch": args.tokens,
+            "precision": config.resolved_precision(device),
+            "passes": n_passes,
+            "engine_tokens_per_s_per_pair": round(pair_tokens / engine_seconds, 1),
+            "ceiling_tokens_per_s_per_pair": round(pair_tokens / ceiling_seconds, 1),
+            "fraction_of_ceiling": round(ceiling_seconds / engine_seconds, 3),
+            "fraction_of_all_gemms": round(all_gemm_seconds / engine_seconds, 3),
+            "engine_tflops_cross_products": round(2 * n_neurons**2 * pair_tokens / engine_seconds / 1e12, 3),
+        }
+        if paper_seconds is not None:
+            # The paper needs two runs for what the engine gives in one: correlations, then the rotated baseline.
+            paper_total = paper_seconds + seconds["paper_baseline"]
+            result["paper_tokens_per_s_per_pair"] = round(args.tokens / paper_total, 1)
+            result["paper_tokens_per_s_per_pair_without_baseline"] = round(args.tokens / paper_seconds, 1)
+            result["ratio_to_paper"] = round((pair_tokens / engine_seconds) / (args.tokens / paper_total), 2)
+        if reference is not None:
+            result["error_against"] = "float64"
+            result.update(error_against(closed_results(shapes, config, batch, device), reference))
+        rows.append(result)
+        print(json.dumps(result), flush=True)
+    return rows
 
 
 def main() -> None:
@@ -182,11 +249,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--d-mlp", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=4096, help="counted tokens per batch")
-    parser.add_argument("--precision", default=None, help="float32/float64 (CPU), tf32/bfloat16 (CUDA)")
+    parser.add_argument(
+        "--precision",
+        default=None,
+        help="one or several, comma-separated: float32/float64 (CPU), tf32/bfloat16/fp8 (CUDA; fp8 also on the CPU)",
+    )
+    parser.add_argument(
+        "--error-reference",
+        action="store_true",
+        help="also close one batch's pass in each precision and in float64 and report the error in rho",
+    )
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-paper", action="store_true", help="skip the (slow) paper-way timing")
-    print(json.dumps(run(parser.parse_args())))
+    run(parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -129,7 +129,8 @@ def _add_precompute(commands: argparse._SubParsersAction) -> None:
         "--precision",
         choices=PRECISIONS,
         default=None,
-        help="per-batch products (default float32 on CPU, bfloat16 on CUDA)",
+        help="per-batch products (default float32 on CPU, bfloat16 on CUDA; fp8: e4m3 operands with a scale per "
+        "neuron through torch._scaled_mm, for Hopper GPUs, error against float64 in docs/performance.md)",
     )
     corr.add_argument(
         "--memory-budget-gb",

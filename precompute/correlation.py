@@ -39,13 +39,24 @@ import torch
 
 from precompute.activations import ActivationBatch, HookKind
 from precompute.distributed import Distributed
-from precompute.memory import StageMemory, chunk_bytes, chunk_rows
+from precompute.memory import CHUNK_BYTES, StageMemory, chunk_bytes, chunk_rows
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["float64", "float32", "tf32", "bfloat16"]
+Precision = Literal["float64", "float32", "tf32", "bfloat16", "fp8"]
 BaselineKind = Literal["gaussian", "haar"]
-PRECISIONS: tuple[str, ...] = ("float64", "float32", "tf32", "bfloat16")
+PRECISIONS: tuple[str, ...] = ("float64", "float32", "tf32", "bfloat16", "fp8")
+#: Precisions whose products reach float32 accumulators (the GPU's): float64 adds would double the memory traffic.
+FLOAT32_ACCUMULATED: frozenset[str] = frozenset({"tf32", "bfloat16", "fp8"})
+
+#: On CUDA a batch's operands are worked whole up to this many bytes (every model's counted tokens at once): the
+#: token count is the products' inner dimension, and each chunk reads and writes the whole accumulator once, so
+#: CPU-sized chunks (`precompute.memory.CHUNK_BYTES`, ~150 tokens at GPT-2-small shapes) would make the GEMMs
+#: memory-bound. 8 GiB holds a 12,288-token batch of two GPT-2-small models in bf16 with its float32 copies.
+CUDA_OPERAND_CHUNK_BYTES = 8 * 2**30
+
+#: The largest value of float8 e4m3: each neuron's values are scaled so that its largest magnitude lands here.
+FP8_MAX = 448.0
 BASELINES: tuple[str, ...] = ("gaussian", "haar")
 
 #: A neuron whose per-token variance is below this is dead: its correlations are undefined (NaN in the paper).
@@ -65,7 +76,8 @@ class CorrelationConfig:
             unit length); ``haar`` is a uniformly random orthogonal matrix.
         baseline_seed: seeds every layer's rotation (the paper's was unseeded: pitfall 3).
         top_k: how many best partner neurons to keep per neuron and partner model.
-        precision: products per batch: float64, float32 (CPU default), tf32 or bfloat16 (CUDA default).
+        precision: products per batch: float64, float32 (CPU default), tf32, bfloat16 (CUDA default) or fp8
+            (e4m3 operands with a scale per neuron and chunk, `torch._scaled_mm`, float32 results).
         reference_only: correlate the first model with each other model only, instead of all pairs.
         memory_budget_gb: the run's memory budget in GiB: a precompute plans every stage under it
             (`precompute.memory`); the engine on its own (benchmarks, tests) packs its accumulators under it.
@@ -177,6 +189,58 @@ class ShiftedGramSums:
         """Σ (x - mean)² per neuron (n times the population variance); Σ x² is the Gram diagonal."""
         assert self.total is not None and self.squares is not None
         return (self.squares - self.total.square() / self.count).clamp_min(0)
+
+
+@dataclass(frozen=True)
+class ScaledOperand:
+    """A chunk of activations in float8 e4m3, neuron-major (``values`` [neurons, tokens], tokens padded with zeros
+    to a multiple of 16, as `torch._scaled_mm` needs), with one float32 scale per neuron (``scales`` [neurons, 1]):
+    value ≈ values * scales. Neuron-major rows are what `torch._scaled_mm` wants on both sides (left row-major,
+    right column-major), so one copy serves every product the chunk takes part in."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor) -> ScaledOperand:
+        """Scale each neuron of ``x`` ([tokens, neurons] float32; divided in place) by its largest magnitude."""
+        tokens, n = x.shape
+        scales = x.abs().amax(dim=0).clamp_min_(torch.finfo(torch.float32).tiny).div_(FP8_MAX)
+        values = torch.zeros(n, -(-tokens // 16) * 16, dtype=torch.float8_e4m3fn, device=x.device)
+        values[:, :tokens] = x.div_(scales).T
+        return cls(values, scales.unsqueeze(1))
+
+    def columns(self, neurons: slice) -> ScaledOperand:
+        return ScaledOperand(self.values[neurons], self.scales[neurons])
+
+
+def fp8_matmul_fp32(left: ScaledOperand, right: ScaledOperand) -> torch.Tensor:
+    """leftᵀ right (each [tokens, n] as a `ScaledOperand`): float8 products with float32 results, rescaled."""
+    return torch._scaled_mm(
+        left.values,
+        right.values.T,
+        scale_a=left.scales,
+        scale_b=right.scales.reshape(1, -1),
+        out_dtype=torch.float32,
+    )
+
+
+_ADDMM_OUT_DTYPE: dict[str, bool] = {}  # device type -> whether torch.addmm(..., out_dtype=float32) runs there
+
+
+def add_bf16_products(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> bool:
+    """out += left @ right for bf16 operands into a float32 ``out`` by one GEMM that reads and writes ``out`` in
+    place (cuBLAS with beta = 1: no product block is made and added). False where no such kernel exists (the CPU)."""
+    kind = out.device.type
+    if not _ADDMM_OUT_DTYPE.get(kind, kind == "cuda"):
+        return False
+    try:
+        torch.addmm(out, left, right, out_dtype=torch.float32, out=out)
+    except (RuntimeError, TypeError, NotImplementedError):
+        _ADDMM_OUT_DTYPE[kind] = False
+        return False
+    _ADDMM_OUT_DTYPE[kind] = True
+    return True
 
 
 def bf16_matmul_fp32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -293,7 +357,12 @@ def default_budget_bytes(device: torch.device) -> int:
 
 def _operand_bytes(precision: Precision) -> int:
     """Bytes per activation the engine holds for each chunk of tokens: float32, plus the operand copy."""
-    return 4 + {"float64": 8, "float32": 0, "tf32": 0, "bfloat16": 2}[precision]
+    return 4 + {"float64": 8, "float32": 0, "tf32": 0, "bfloat16": 2, "fp8": 1}[precision]
+
+
+def operand_chunk_budget(device: torch.device) -> int:
+    """Bytes of operands the engine works at once: `CHUNK_BYTES` on the CPU, a whole batch on CUDA."""
+    return CUDA_OPERAND_CHUNK_BYTES if device.type == "cuda" else CHUNK_BYTES
 
 
 @dataclass(frozen=True)
@@ -308,6 +377,7 @@ class CorrelationPlan:
     passes: list[list[LayerBlock]]
     top_k: int
     ranks: int = 1  # the ranks of a distributed run (`precompute.distributed`)
+    operand_chunk: int = CHUNK_BYTES  # bytes of every model's operands worked at once (`operand_chunk_budget`)
 
     @property
     def keep_rotations(self) -> bool:
@@ -379,8 +449,9 @@ class CorrelationPlan:
             for x in (a, b):  # top-k correlations and indices, best rotated unit and its index: 8 bytes each
                 small += self.shapes[x].n_neurons * (2 * self.top_k + 2) * 8
         n_all = sum(s.n_neurons for s in self.shapes)
-        update = chunk_bytes(batch_tokens, n_all, _operand_bytes(self.precision))  # every model's operands
-        if self.precision != "float64":  # products in float32 reach the float64 accumulators a block at a time
+        # every model's operands (padded to 16 tokens for fp8)
+        update = chunk_bytes(batch_tokens + 15, n_all, _operand_bytes(self.precision), self.operand_chunk)
+        if self.precision != "float64":  # products in float32 reach the accumulators a block at a time
             blocks = [(b.layer_stop - b.layer_start) * self.shapes[b.a].d_mlp for p in self.passes for b in p]
             widest = max((s.n_neurons for s in self.shapes), default=0)
             update += chunk_bytes(max(blocks, default=0), widest, 4)
@@ -421,8 +492,7 @@ def plan_correlations(
             (`CorrelationPlan.schedule`); the passes themselves are the same as in one process.
     """
     precision = config.resolved_precision(device)
-    # The GPU precisions accumulate in float32: float64 adds would double the memory traffic per batch.
-    accumulator_dtype = torch.float32 if precision in ("tf32", "bfloat16") else torch.float64
+    accumulator_dtype = torch.float32 if precision in FLOAT32_ACCUMULATED else torch.float64
     pairs = model_pairs(len(shapes), config.reference_only)
     if n_passes is not None:
         passes = pack_into_passes(shapes, pairs, n_passes, accumulator_dtype.itemsize)
@@ -433,7 +503,16 @@ def plan_correlations(
             else default_budget_bytes(device)
         )
         passes = plan_passes(shapes, pairs, budget, accumulator_dtype.itemsize)
-    return CorrelationPlan(tuple(shapes), precision, accumulator_dtype, pairs, passes, config.top_k, max(1, ranks))
+    return CorrelationPlan(
+        tuple(shapes),
+        precision,
+        accumulator_dtype,
+        pairs,
+        passes,
+        config.top_k,
+        max(1, ranks),
+        operand_chunk_budget(device),
+    )
 
 
 class CorrelationEngine:
@@ -519,22 +598,43 @@ class CorrelationEngine:
                 rows, self.shapes[block.b].n_neurons, dtype=self.accumulator_dtype, device=self.device
             )
 
-    def _operand(self, x: torch.Tensor) -> torch.Tensor:
+    def _operand(self, x: torch.Tensor) -> torch.Tensor | ScaledOperand:
+        """A chunk's shifted float32 activations [tokens, n] in the engine's precision (may reuse ``x``)."""
         if self.precision == "float64":
             return x.double()
         if self.precision == "bfloat16":
             return x.bfloat16()
+        if self.precision == "fp8":
+            return ScaledOperand.quantize(x)
         return x
 
-    def _products(self, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> None:
+    @staticmethod
+    def _columns(operand: torch.Tensor | ScaledOperand, neurons: slice) -> torch.Tensor | ScaledOperand:
+        if isinstance(operand, ScaledOperand):
+            return operand.columns(neurons)
+        return operand[:, neurons]
+
+    def _products(
+        self, left: torch.Tensor | ScaledOperand, right: torch.Tensor | ScaledOperand, out: torch.Tensor
+    ) -> None:
         """out += leftᵀ right for operands in the engine's precision ([tokens, m] and [tokens, n]).
 
         When the products' dtype is not the accumulator's, they are made in blocks of rows of ``out`` of at most
-        `CHUNK_BYTES` (a whole product block is as large as the accumulator block).
+        `CHUNK_BYTES` (a whole product block is as large as the accumulator block), except bf16 on CUDA, where one
+        GEMM adds into ``out`` in place (`add_bf16_products`).
         """
+        if isinstance(left, ScaledOperand) and isinstance(right, ScaledOperand):
+            step = chunk_rows(out.shape[1], 4, self.plan.operand_chunk)
+            for start in range(0, out.shape[0], step):
+                rows = slice(start, start + step)
+                out[rows].add_(fp8_matmul_fp32(left.columns(rows), right))
+            return
+        assert isinstance(left, torch.Tensor) and isinstance(right, torch.Tensor)
         left_t = left.transpose(0, 1)
         if self.precision != "bfloat16" and out.dtype == left.dtype:
             out.addmm_(left_t, right)
+            return
+        if self.precision == "bfloat16" and add_bf16_products(out, left_t, right):
             return
         step = chunk_rows(out.shape[1], 4)
         for start in range(0, out.shape[0], step):
@@ -547,7 +647,8 @@ class CorrelationEngine:
     def update(self, batch: ActivationBatch) -> None:
         """Fold one batch into the current pass's accumulators (and, in pass 0, into the moments).
 
-        The counted tokens are read in chunks (`ActivationBatch.counted_rows`): a chunk of every model's shifted
+        The counted tokens are read in chunks (`ActivationBatch.counted_rows`) of at most the plan's operand bytes
+        (`operand_chunk_budget`: small on the CPU, a whole batch on CUDA): a chunk of every model's shifted
         operands is all the per-token memory the engine adds to the batch.
         """
         if self.done:
@@ -559,18 +660,27 @@ class CorrelationEngine:
         self._set_pilot(batch)
         shifts = [m.shift for m in self.moments if m.shift is not None]
         n_all = sum(shape.n_neurons for shape in self.shapes)
-        step = chunk_rows(n_all, _operand_bytes(self.precision))
+        step = chunk_rows(n_all, _operand_bytes(self.precision), self.plan.operand_chunk)
         for start in range(0, n_tokens, step):
             tokens = slice(start, min(start + step, n_tokens))
-            operands = []
-            for shape, shift in zip(self.shapes, shifts, strict=True):
-                x = batch.counted_rows(shape.name, "hook_post", tokens).to(self.device, torch.float32)
-                operands.append(self._operand(x.sub_(shift)))
+            operands: list[torch.Tensor | ScaledOperand] = []
+            for index, (shape, shift) in enumerate(zip(self.shapes, shifts, strict=True)):
+                x = batch.counted_rows(shape.name, "hook_post", tokens).to(self.device, torch.float32).sub_(shift)
+                if self.precision == "float64":  # the sums from the float64 operand, no second copy
+                    wide = x.double()
+                    operands.append(wide)
+                    if self.round == 0:
+                        self._add_sums(index, shape, wide)
+                else:  # from the float32 values, before fp8 scales them in place
+                    if self.round == 0:
+                        self._add_sums(index, shape, x)
+                    operands.append(self._operand(x))
+                del x
             for index, shape in enumerate(self.shapes):
-                self._update_moments(index, shape, operands[index])
+                self._update_grams(index, shape, operands[index])
             for block, accumulator in self.accumulators.items():
                 d_a = self.shapes[block.a].d_mlp
-                left = operands[block.a][:, block.layer_start * d_a : block.layer_stop * d_a]
+                left = self._columns(operands[block.a], slice(block.layer_start * d_a, block.layer_stop * d_a))
                 self._products(left, operands[block.b], accumulator)
 
     def _set_pilot(self, batch: ActivationBatch) -> None:
@@ -656,21 +766,22 @@ class CorrelationEngine:
             moments.squares = merged
         self.merged = True
 
-    def _update_moments(self, index: int, shape: ModelShape, operand: torch.Tensor) -> None:
-        """In the first pass the sums, by a ones-vector GEMM; in every pass the Gram matrices of the layers whose
-        spreads this pass's closing needs first, one GEMM per layer (their diagonals are the sums of squares)."""
+    def _add_sums(self, index: int, shape: ModelShape, x: torch.Tensor) -> None:
+        """First pass: the token count and the sums of the shifted activations ``x`` (float32, or the float64
+        operand for --precision float64), by a ones-vector GEMM (the CPU's fastest reduction), whatever the
+        products' precision: bf16 or fp8 operands would lose the sums' low bits."""
         moments = self.moments[index]
-        if self.round == 0:
-            if moments.total is None:
-                moments.total = torch.zeros(shape.n_neurons, dtype=torch.float64, device=self.device)
-                moments.squares = torch.full((shape.n_neurons,), torch.nan, dtype=torch.float64, device=self.device)
-            tokens = operand.shape[0]
-            moments.count += tokens
-            ones = torch.ones(1, tokens, dtype=operand.dtype, device=self.device)
-            if self.precision == "bfloat16":  # sums need more than bf16's 8 bits: use the float32 activations
-                moments.total += (ones.float() @ operand.float()).squeeze(0).double()
-            else:
-                moments.total += (ones @ operand).squeeze(0).double()
+        if moments.total is None:
+            moments.total = torch.zeros(shape.n_neurons, dtype=torch.float64, device=self.device)
+            moments.squares = torch.full((shape.n_neurons,), torch.nan, dtype=torch.float64, device=self.device)
+        moments.count += x.shape[0]
+        ones = torch.ones(1, x.shape[0], dtype=x.dtype, device=self.device)
+        moments.total += (ones @ x).squeeze(0).double()
+
+    def _update_grams(self, index: int, shape: ModelShape, operand: torch.Tensor | ScaledOperand) -> None:
+        """The Gram matrices of the layers whose spreads this pass's closing needs first, one GEMM per layer
+        (their diagonals are the sums of squares)."""
+        moments = self.moments[index]
         for layer in range(shape.n_layers):
             if self.gram_passes.get((index, layer)) != self.pass_index:
                 continue
@@ -678,7 +789,7 @@ class CorrelationEngine:
                 moments.gram[layer] = torch.zeros(
                     shape.d_mlp, shape.d_mlp, dtype=self.accumulator_dtype, device=self.device
                 )
-            part = operand[:, layer * shape.d_mlp : (layer + 1) * shape.d_mlp]  # [tokens, d_mlp]
+            part = self._columns(operand, slice(layer * shape.d_mlp, (layer + 1) * shape.d_mlp))
             self._products(part, part, moments.gram[layer])
 
     # --- results ------------------------------------------------------------------------------------------

@@ -394,6 +394,13 @@ def _resumable_plan(
     return plan
 
 
+def _synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so that a stage's clock holds its own kernels (CUDA runs asynchronously: the
+    time would otherwise land on whichever stage next reads a result). One wait a batch and stage costs little."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def _peak_resident_bytes() -> int:
     """The process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -402,7 +409,10 @@ def _peak_resident_bytes() -> int:
 def _record_plan(store: AtlasStore, run_id: int, plan: MemoryPlan, measured_peak: int | None = None) -> None:
     """Keep the memory plan in the run's environment record (not in the hashed configuration)."""
     environment = dict(store.get_run(run_id)["environment"] or {})
-    environment["memory_plan"] = plan.record() | ({"measured_peak_rss": measured_peak} if measured_peak else {})
+    measured = {"measured_peak_rss": measured_peak} if measured_peak else {}
+    if measured_peak and torch.cuda.is_available() and torch.cuda.is_initialized():
+        measured["measured_peak_cuda_allocated"] = torch.cuda.max_memory_allocated()
+    environment["memory_plan"] = plan.record() | measured
     store.update_run(run_id, environment=environment)
 
 
@@ -597,12 +607,14 @@ def _stream_stages(
             mine = not own_rows or (step_start // rows_per_batch) % group.world_size == group.rank
             batch = next(batches, None) if (whole or mine) and active else None
             if batch is not None:
+                _synchronize(config.device)
                 seconds["forward"] += time.perf_counter() - started
                 for stage in active:
                     if not mine and not stage.reads_every_row:
                         continue
                     stage_started = time.perf_counter()
                     stage.update(batch)
+                    _synchronize(config.device)
                     seconds[stage.name] += time.perf_counter() - stage_started
             rows_done = min(step_start + step, inputs.dataset.n_rows)
             del batch  # closing the pass (and the checkpoint) need the batch's memory: its plan has none

@@ -375,16 +375,16 @@ class StatsStage(Stage):
         count = self.shared["position_count"].double().unsqueeze(1)
         mean = (state[f"{hook}_position_sum"][:, neurons] / count).cpu()  # 0/0 = NaN where nothing was counted
         var = (state[f"{hook}_position_sq"][:, neurons] / count).cpu() - mean**2
-        return mean.float().numpy(), var.clamp_min(0).sqrt().float().numpy()
+        return mean.float().cpu().numpy(), var.clamp_min(0).sqrt().float().cpu().numpy()
 
     def token_columns(self, name: str, model_id: int, d_mlp: int) -> list[dict[str, Any]]:
         """The mean- and max-activation token tables (hook_post), best first, with each token's count."""
         state, count = self.state[name], self.shared["token_count"].cpu().numpy()
-        tracked = self.tracked.numpy()
+        tracked = self.tracked.cpu().numpy()
         tables = []
         for kind in TOKEN_KINDS:
-            slots = state[f"{kind}_slot"].T.numpy()  # [n_neurons, k]
-            values = state[f"{kind}_value"].T.numpy()
+            slots = state[f"{kind}_slot"].T.cpu().numpy()  # [n_neurons, k]
+            values = state[f"{kind}_value"].T.cpu().numpy()
             table = ranked_columns(model_id, d_mlp, kind, tracked[slots], values, count[slots])
             tables.append(table | {"kind": token_kind_code(kind)})
         return tables

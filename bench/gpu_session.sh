@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU measurements of issue 11 in one call (a lent GPU is held for minutes, not hours): the correlation
+# engine's bench in bf16, fp8 and TF32 with its error in rho against float64, then the whole precompute of two
+# random-init GPT-2-small-shaped models over 1M stdlib tokens with default settings, and its run record.
+#
+#   bash bench/gpu_session.sh                      # on the GPU machine, from the repository root
+#   DEVICE=cpu SMALL=1 bash bench/gpu_session.sh   # the same steps at toy shapes on a CPU (a dry run of the script)
+#
+# Needs what the GPU machine lacks as wheels in .whl/ (transformer-lens, sqlalchemy, alembic, mako, datasets, dill,
+# multiprocess, greenlet: docs/performance.md says how they were fetched), the 50,257-token stdlib tokenizer in
+# .whl/tokenizer and ../shared/tools/paper_shape_family.py copied to .whl/. Writes under $OUT (default /tmp/gpu-out).
+set -u
+OUT="${OUT:-/tmp/gpu-out}"
+DEVICE="${DEVICE:-cuda}"
+FAMILY="${FAMILY:-/tmp/gpu-family}"
+mkdir -p "$OUT" "$FAMILY"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY="${PYTHON:-python3}"
+
+if [[ "$DEVICE" == cuda* ]]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH="/tmp/site:$PWD"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+else
+    export PYTHONPATH="$PWD"
+fi
+"$PY" -c "import torch, transformer_lens, sqlalchemy, alembic; print('torch', torch.__version__)" || exit 1
+
+if [[ -n "${SMALL:-}" ]]; then  # toy shapes: checks the script, measures nothing
+    BENCH=(--models 2 --layers 2 --d-mlp 256 --tokens 2048 --repeats 3)
+    SHAPE=(2 128 512 4)
+    TOKENS=4000
+else
+    BENCH=(--models 2 --layers 12 --d-mlp 3072 --tokens 12288 --repeats 9)
+    SHAPE=()
+    TOKENS=1000000
+fi
+
+echo "== correlation bench ($(date -u +%T))"
+timeout "${BENCH_SECONDS:-200}" "$PY" bench/correlation.py --device "$DEVICE" "${BENCH[@]}" --skip-paper \
+    --precision bfloat16,fp8,tf32 --error-reference | tee "$OUT/correlation.jsonl"
+
+echo "== models ($(date -u +%T))"
+mkdir -p "$FAMILY/tokenizer" && cp -r .whl/tokenizer/. "$FAMILY/tokenizer/"
+timeout 180 "$PY" .whl/paper_shape_family.py "$FAMILY" 2 "${SHAPE[@]}" || exit 1
+
+echo "== precompute, default settings, $TOKENS stdlib:all tokens ($(date -u +%T))"
+rm -f /tmp/gpu-atlas.db*
+started=$(date +%s)
+timeout "${PRECOMPUTE_SECONDS:-330}" "$PY" -m cli.main precompute --db /tmp/gpu-atlas.db --device "$DEVICE" \
+    --dataset stdlib:all --tokens "$TOKENS" "$FAMILY/seed-0" "$FAMILY/seed-1" >"$OUT/precompute.log" 2>&1
+status=$?
+echo "precompute exit $status after $(($(date +%s) - started)) s"
+tail -c 3000 "$OUT/precompute.log" | tr '\r' '\n' | tail -25
+
+"$PY" - "$OUT/run.json" <<'EOF'
+import json, sqlite3, sys
+try:
+    with sqlite3.connect("/tmp/gpu-atlas.db") as conn:
+        row = conn.execute("SELECT status, timings, environment, tokens_counted FROM runs").fetchone()
+except Exception as exc:  # no file: the run did not get that far
+    print("no run record:", exc)
+    raise SystemExit(0)
+status, timings, environment, counted = row
+timings, environment = json.loads(timings or "{}"), json.loads(environment or "{}")
+plan = environment.get("memory_plan", {})
+summary = {"status": status, "tokens_counted": counted, "timings": timings,
+           "plan_total_gib": round(plan.get("total", 0) / 2**30, 2),
+           "measured_peak_rss_gib": round(plan.get("measured_peak_rss", 0) / 2**30, 2),
+           "measured_peak_cuda_allocated_gib": round(plan.get("measured_peak_cuda_allocated", 0) / 2**30, 2),
+           "split": plan.get("split")}
+if timings.get("correlations") and counted:
+    summary["correlation_tokens_per_s_per_pair"] = round(counted / timings["correlations"], 1)
+json.dump({"summary": summary, "environment": environment}, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(summary))
+EOF
+ls -la /tmp/gpu-atlas.db 2>/dev/null
+echo "== done ($(date -u +%T))"
