@@ -14,7 +14,8 @@ timings and its memory plan make one JSON line (``"bench": "scale"``). Then the 
 each fitted by least squares over the runs (time = fixed + slope × tokens), and its extrapolation
 (``"scale-paper"``) to the paper's run: 5 models, 100M tokens, all pairs and ``--reference-only``, with the passes
 the memory plan needs at that scale on this machine (priced by the production planner on a synthetic dataset in
-which every token of the vocabulary occurs). CUDA is not measured here.
+which every token of the vocabulary occurs). ``--device cuda`` runs the same on a GPU (the plan against the run's
+recorded peak GPU allocation); its extrapolation is labelled with the device.
 
     python bench/scale.py --out scale.jsonl                              # GPT-2 small, 1K, 2K and 4K tokens
     python bench/scale.py --tokens 2048 --budget-gb 6                    # one run under a budget
@@ -102,15 +103,20 @@ def build_family(folder: Path, shape: str, n_models: int) -> list[Path]:
     return models
 
 
-def run_once(models: list[Path], tokens: int, budget_gb: float | None, limit_gb: float) -> dict[str, Any]:
-    """One precompute under the watchdog: the JSON line of its wall time, peak memory, timings and plan."""
+def run_once(
+    models: list[Path], tokens: int, budget_gb: float | None, limit_gb: float, device: str = "cpu"
+) -> dict[str, Any]:
+    """One precompute under the watchdog: the JSON line of its wall time, peak memory, timings and plan (on CUDA
+    the plan is held against the GPU's peak allocation, which the run records, instead of the host's RSS)."""
     with tempfile.TemporaryDirectory() as folder:
         db = Path(folder) / "scale.db"
         command = [sys.executable, "-m", "cli.main", "precompute", "--db", str(db), "--tokens", str(tokens)]
+        command += ["--device", device, "--dataset", "stdlib:all"] if device != "cpu" else []
         command += [str(m) for m in models] + (["--memory-budget-gb", str(budget_gb)] if budget_gb else [])
         watched = watch(command, int(limit_gb * GIB), interval=0.2, cwd=Path(__file__).resolve().parents[1])
         line: dict[str, Any] = {
             "bench": "scale",
+            "device": device,
             "models": len(models),
             "tokens": tokens,
             "budget_gb": budget_gb,
@@ -134,7 +140,11 @@ def run_once(models: list[Path], tokens: int, budget_gb: float | None, limit_gb:
         "stages_peak_gib": {k: round(v["peak"] / GIB, 3) for k, v in plan["stages"].items()},
         "split": plan["split"],
     }
-    line["plan_vs_measured"] = round((watched.peak_rss - plan["runtime"]) / plan["total"], 3)
+    if device == "cpu":
+        line["plan_vs_measured"] = round((watched.peak_rss - plan["runtime"]) / plan["total"], 3)
+    elif plan.get("measured_peak_cuda_allocated"):
+        line["peak_cuda_allocated_gib"] = round(plan["measured_peak_cuda_allocated"] / GIB, 3)
+        line["plan_vs_measured"] = round(plan["measured_peak_cuda_allocated"] / plan["total"], 3)
     return line
 
 
@@ -206,7 +216,7 @@ def paper_plan(shape: str, n_models: int, tokens: int, reference_only: bool, bud
     }
 
 
-def extrapolate(model: dict[str, Any], shape: str, budget: int | None) -> list[dict[str, Any]]:
+def extrapolate(model: dict[str, Any], shape: str, budget: int | None, device: str = "cpu") -> list[dict[str, Any]]:
     """The fitted cost model at the paper's scale, all pairs and reference-only."""
     dims = SHAPES[shape]
     n_neurons = dims["n_layers"] * dims["d_mlp"]
@@ -234,9 +244,9 @@ def extrapolate(model: dict[str, Any], shape: str, budget: int | None) -> list[d
                 "reference_only": reference_only,
                 "pairs": pairs,
                 "plan": plan,
-                "cpu_seconds": {k: round(v) for k, v in seconds.items()},
-                "cpu_days": round(total / 86400, 1),
-                "cuda": "not measured (no GPU in this session)",
+                "device": device,
+                "seconds": {k: round(v) for k, v in seconds.items()},
+                "days": round(total / 86400, 2),
             }
         )
     return lines
@@ -252,6 +262,9 @@ def main() -> None:
     parser.add_argument("--limit-gb", type=float, default=9.0, help="the watchdog kills a run above this")
     parser.add_argument("--family", type=Path, default=Path(tempfile.gettempdir()) / "scale-family")
     parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines to this file")
+    parser.add_argument(
+        "--device", default="cpu", help="the runs' --device (cuda: stdlib:all tokens, the held-out files are ~1M)"
+    )
     args = parser.parse_args()
 
     def emit(line: dict[str, Any]) -> None:
@@ -269,14 +282,14 @@ def main() -> None:
     models = build_family(args.family, args.shape, args.models)
     runs = []
     for tokens in args.tokens:  # never two at once: one paper-shape run at a time on a shared machine
-        runs.append(run_once(models, tokens, args.budget_gb, args.limit_gb) | {"shape": args.shape})
+        runs.append(run_once(models, tokens, args.budget_gb, args.limit_gb, args.device) | {"shape": args.shape})
         emit(runs[-1])
     dims = SHAPES[args.shape]
     model = fit(runs, dims["n_layers"] * dims["d_mlp"])
     emit(model)
     if "error" not in model:
         paper_budget = int(args.paper_budget_gb * GIB) if args.paper_budget_gb else None
-        for line in extrapolate(model, args.shape, paper_budget):
+        for line in extrapolate(model, args.shape, paper_budget, args.device):
             emit(line)
 
 

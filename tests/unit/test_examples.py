@@ -168,3 +168,28 @@ def test_bad_settings_are_refused(analysis, message):
     context.config.analysis = {"examples": analysis}
     with pytest.raises(ConfigError, match=message):
         ExamplesStage(context)
+
+
+def test_snippets_encoded_by_blocks_of_neurons_are_each_snippets_own_encoding(monkeypatch):
+    """The write encodes the snippets of a block of neurons together, grouped by span: with blocks of 3 neurons (the
+    8 neurons in 3 blocks, the last one short) every row is what encoding each snippet on its own gives."""
+    import precompute.stages.examples as examples_module
+    from precompute.store import encode_u8
+
+    context, batches, _ = synthetic_run({"top": 4, "quantiles": [0.5, 0.9], "per_bin": 2, "random": 2, "before": 30})
+    stage = run_stage(context, batches)
+    monkeypatch.setattr(examples_module, "ENCODE_BLOCK", 3)
+    rows = list(stage.example_rows("m", 3, D_MLP, context.dataset.rows))
+    state = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in stage.state["m"].items()}
+    prefixes = {"top": lambda r: "top_", "quantile": lambda r: f"bin{r['bin']}_", "random": lambda r: "random_"}
+    kinds = set()
+    for row in rows:
+        prefix, flat = prefixes[row["kind"]](row), row["layer"] * D_MLP + row["neuron"]
+        pos = row["start"] + row["peak"]
+        first = row["start"] - (pos - 30)  # windows start 30 tokens before the peak
+        length = min(CTX, pos + 9) - row["start"]
+        window = state[f"{prefix}window"][row["rank"], :, flat]
+        assert row["activations"] == encode_u8(window[first : first + length])
+        kinds.add((row["kind"], first > 0, length < 40))
+    assert {kind for kind, _, _ in kinds} == {"top", "quantile", "random"}
+    assert len({(clipped, short) for _, clipped, short in kinds}) > 1  # spans of several shapes were grouped
