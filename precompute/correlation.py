@@ -599,9 +599,8 @@ class CorrelationEngine:
             )
 
     def _operand(self, x: torch.Tensor) -> torch.Tensor | ScaledOperand:
-        """A chunk's shifted float32 activations [tokens, n] in the engine's precision (may reuse ``x``)."""
-        if self.precision == "float64":
-            return x.double()
+        """A chunk's shifted float32 activations [tokens, n] in the engine's precision (may reuse ``x``); float64
+        operands are made in `update`, which sums them too."""
         if self.precision == "bfloat16":
             return x.bfloat16()
         if self.precision == "fp8":

@@ -241,19 +241,60 @@ def test_gpu_precisions_agree_with_float64(precision):
         np.testing.assert_allclose(fast.results[key].baseline_corr, result.baseline_corr, atol=tolerance)
 
 
-def test_fp8_operands_round_trip_with_a_scale_per_neuron():
+@pytest.mark.parametrize(("tokens", "padded"), [(37, 48), (300, 304), (16, 16)])
+def test_fp8_operands_round_trip_with_a_scale_per_neuron(tokens, padded):
     """Each neuron's largest magnitude maps to e4m3's largest value; values times scales give the input back to
     e4m3's precision (3 mantissa bits: relative error at most 2^-4); the tokens are padded with zeros to 16."""
-    x = torch.randn(37, 5) * torch.tensor([1e-3, 1.0, 30.0, 1e4, 0.5])
+    x = torch.randn(tokens, 5) * torch.tensor([1e-3, 1.0, 30.0, 1e4, 0.5])
     operand = ScaledOperand.quantize(x.clone())
-    assert operand.values.shape == (5, 48) and operand.values.dtype == torch.float8_e4m3fn
-    assert operand.values[:, 37:].float().abs().max() == 0
+    assert operand.values.shape == (5, padded) and operand.values.dtype == torch.float8_e4m3fn
+    assert operand.values[:, tokens:].float().abs().sum() == 0
     np.testing.assert_allclose(operand.values.float().abs().amax(dim=1), FP8_MAX)
-    back = (operand.values[:, :37].float() * operand.scales).T
+    back = (operand.values[:, :tokens].float() * operand.scales).T
     assert ((back - x).abs() <= x.abs() * 2**-4 + 1e-12).all()
     exact = x.double().T @ x.double()
     product = fp8_matmul_fp32(operand, operand).double()
     assert (product - exact).norm() / exact.norm() < 0.05  # e4m3 rounding; a wrong scale would be off by orders
+
+
+@pytest.mark.parametrize("precision", ["float32", "tf32", "bfloat16", "fp8"])
+def test_operands_are_in_the_engines_precision(precision):
+    """The products' operands: float32 as they come (float32, TF32), bf16, or fp8 with scales; float64 is made in
+    `update`. A more precise operand would pass every tolerance test, so the dtype itself is checked."""
+    engine = CorrelationEngine([ModelShape("a", 1, 4), ModelShape("b", 1, 4)], CorrelationConfig(precision=precision))
+    x = torch.randn(5, 4)
+    operand = engine._operand(x)
+    if precision == "fp8":
+        assert isinstance(operand, ScaledOperand) and operand.values.dtype == torch.float8_e4m3fn
+    else:
+        assert isinstance(operand, torch.Tensor)
+        assert operand.dtype == (torch.bfloat16 if precision == "bfloat16" else torch.float32)
+
+
+def test_fp8_products_reach_the_accumulator_in_blocks_of_the_operand_budget(monkeypatch):
+    """fp8 products come out as float32 blocks that are added to the accumulator: each block is at most the plan's
+    operand bytes, and as few blocks are made as that allows (the bytes are the memory plan's; the count, the
+    speed). The sum is the same either way."""
+    import dataclasses
+
+    import precompute.correlation as correlation
+
+    shapes = [ModelShape("a", 2, 8), ModelShape("b", 2, 8)]
+    engine = CorrelationEngine(shapes, CorrelationConfig(precision="fp8"))
+    engine.plan = dataclasses.replace(engine.plan, operand_chunk=5 * 16 * 4)  # 5 rows of 16 float32 products
+    blocks: list[int] = []
+    original = correlation.fp8_matmul_fp32
+
+    def recorded(left, right):
+        blocks.append(left.values.shape[0])
+        return original(left, right)
+
+    monkeypatch.setattr(correlation, "fp8_matmul_fp32", recorded)
+    x = ScaledOperand.quantize(torch.randn(20, 16))
+    out = torch.zeros(16, 16)
+    engine._products(x, x, out)
+    assert blocks == [5, 5, 5, 1]
+    np.testing.assert_allclose(out, original(x, x), rtol=1e-6, atol=1e-6)
 
 
 def test_cuda_plan_works_a_whole_batch_at_once():
