@@ -3,6 +3,10 @@
 #
 #   bash tests/mutation.sh universality            # one group; see MUTATION_GROUPS below
 #   MUTATION_DIR=/tmp/una-mutation TIMEOUT=900 bash tests/mutation.sh correlation
+#   EXTRA_TESTS=tests/unit/test_store_mutations.py bash tests/mutation.sh store      # more tests in the selection
+#   EXTRA_MODE=replace EXTRA_TESTS=tests/app/test_queries_mutations.py bash tests/mutation.sh queries  # only those
+#   MUTANT_GLOBS='precompute.correlation.xǁCorrelationEngineǁ_finish_tile*' bash tests/mutation.sh correlation
+#       (only the mutants of these functions are run: mutmut's names, space-separated globs)
 #
 # Not part of `make test` or CI: a group takes minutes to an hour. The copy (and mutmut's mutants/ folder and cache)
 # lives under $MUTATION_DIR, never in the checkout. mutmut reads its [mutmut] section from the copy's setup.cfg,
@@ -30,6 +34,11 @@ declare -A MUTATION_GROUPS=(
 spec="${MUTATION_GROUPS[$group]:?unknown group $group; groups: ${!MUTATION_GROUPS[*]}}"
 mutate="${spec%%|*}"
 tests="${spec#*|}"
+if [[ "${EXTRA_MODE:-}" == replace ]]; then
+    tests="${EXTRA_TESTS:?EXTRA_MODE=replace needs EXTRA_TESTS}"
+else
+    tests="$tests ${EXTRA_TESTS:-}"
+fi
 
 work="$MUTATION_DIR/$group"
 rm -rf "$work"
@@ -63,7 +72,8 @@ done | xargs -0 cp --parents -t "$work")
 cd "$work"
 echo "mutmut $("$MUTMUT" --version 2>/dev/null || true) on $mutate with $tests (limit ${TIMEOUT}s)"
 status=0
-timeout "$TIMEOUT" "$MUTMUT" run --max-children 1 || status=$?
+# shellcheck disable=SC2086  # the globs are words (set -f above keeps the shell from expanding them)
+timeout "$TIMEOUT" "$MUTMUT" run --max-children 1 ${MUTANT_GLOBS:-} || status=$?
 "$MUTMUT" results --all true >"$work/results.txt" || true
 echo "exit status $status (124: stopped at the time limit); results in $work/results.txt"
 awk -F': ' '{print $NF}' "$work/results.txt" | sort | uniq -c
