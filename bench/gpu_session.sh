@@ -5,6 +5,8 @@
 #
 #   bash bench/gpu_session.sh                      # on the GPU machine, from the repository root
 #   DEVICE=cpu SMALL=1 bash bench/gpu_session.sh   # the same steps at toy shapes on a CPU (a dry run of the script)
+#   TUNED_SECONDS=120 bash bench/gpu_session.sh     # then the correlations alone with the card's memory and 12,288-
+#                                                   # token batches (TUNED_BUDGET_GB, default 60)
 #
 # Needs what the GPU machine lacks as wheels in .whl/ (transformer-lens, sqlalchemy, alembic, mako, datasets, dill,
 # multiprocess, greenlet: docs/performance.md says how they were fetched), the 50,257-token stdlib tokenizer in
@@ -76,4 +78,18 @@ json.dump({"summary": summary, "environment": environment}, open(sys.argv[1], "w
 print(json.dumps(summary))
 EOF
 ls -la /tmp/gpu-atlas.db 2>/dev/null
+[[ -f /tmp/gpu-atlas.db ]] && "$PY" -m bench.atlas_size /tmp/gpu-atlas.db \
+    --project gpt2-small-5=184320:5 gpt2-medium-5=491520:5 >"$OUT/atlas_size.json" 2>&1
+
+# The correlation stage as the bench runs it: the whole card (one pass) and 12,288-token batches (48 rows of 256).
+if [[ -n "${TUNED_SECONDS:-}" ]]; then
+    echo "== precompute, correlations only, --memory-budget-gb 60 --batch-size 48 ($(date -u +%T))"
+    rm -f /tmp/gpu-tuned.db*
+    timeout "$TUNED_SECONDS" "$PY" -m cli.main precompute --db /tmp/gpu-tuned.db --device "$DEVICE" \
+        --dataset stdlib:all --tokens "$TOKENS" --stages correlations --memory-budget-gb "${TUNED_BUDGET_GB:-60}" \
+        --batch-size 48 "$FAMILY/seed-0" "$FAMILY/seed-1" >"$OUT/tuned.log" 2>&1
+    echo "exit $?"
+    "$PY" -c "import sqlite3; print(sqlite3.connect('/tmp/gpu-tuned.db').execute(
+        'SELECT status, tokens_counted, timings FROM runs').fetchone())"
+fi
 echo "== done ($(date -u +%T))"
