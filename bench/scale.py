@@ -167,6 +167,16 @@ def fit(runs: list[dict[str, Any]], n_neurons: int) -> dict[str, Any]:
     correlations, _ = line(timings.get("correlations", 0 * tokens), tokens * pairs * n_neurons**2)
     streamed = {stage: line(timings[stage], tokens * n_models)[0] for stage in STREAMED if stage in timings}
     writes = {key: float(v.mean()) / n_models for key, v in timings.items() if key.endswith("_write")}
+    slopes = {"forward": forward, "correlations": correlations, **streamed}
+    if any(slope <= 0 for slope in slopes.values()):
+        # Work that grows with tokens measured as shrinking: the runs saw different load (wall clocks on a shared
+        # machine), and an extrapolation from them would be meaningless (it once gave negative days).
+        return {
+            "bench": "scale-fit",
+            "error": "a per-token cost fitted as zero or negative: the runs were timed under different load; rerun "
+            "them on a quieter machine",
+            "slopes": slopes,
+        }
     return {
         "bench": "scale-fit",
         "forward_seconds_per_token_model_pass": forward,
