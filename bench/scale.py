@@ -162,7 +162,16 @@ def fit(runs: list[dict[str, Any]], n_neurons: int) -> dict[str, Any]:
         slope, fixed = np.polyfit(x, values, 1)
         return float(slope), float(fixed)
 
-    timings = {key: np.array([r["timings"].get(key, 0.0) for r in done]) for key in done[0]["timings"]}
+    # The process's CPU seconds when every run recorded them (`pipeline._Clock`): they hold when other work shares
+    # the machine; else the wall clock.
+    clock = "cpu" if all("forward_cpu" in r["timings"] for r in done) else "wall"
+    names = {key.removesuffix("_cpu") for key in done[0]["timings"]}
+
+    def seconds_of(name: str) -> np.ndarray:
+        key = f"{name}_cpu" if clock == "cpu" else name
+        return np.array([r["timings"].get(key, 0.0) for r in done], dtype=np.float64)
+
+    timings = {name: seconds_of(name) for name in names}
     forward, forward_fixed = line(timings["forward"], tokens * n_models * passes)
     correlations, _ = line(timings.get("correlations", 0 * tokens), tokens * pairs * n_neurons**2)
     streamed = {stage: line(timings[stage], tokens * n_models)[0] for stage in STREAMED if stage in timings}
@@ -175,10 +184,12 @@ def fit(runs: list[dict[str, Any]], n_neurons: int) -> dict[str, Any]:
             "bench": "scale-fit",
             "error": "a per-token cost fitted as zero or negative: the runs were timed under different load; rerun "
             "them on a quieter machine",
+            "clock": clock,
             "slopes": slopes,
         }
     return {
         "bench": "scale-fit",
+        "clock": clock,
         "forward_seconds_per_token_model_pass": forward,
         "forward_fixed_seconds": forward_fixed,
         "correlation_seconds_per_token_neuron_pair": correlations,
@@ -255,6 +266,7 @@ def extrapolate(model: dict[str, Any], shape: str, budget: int | None, device: s
                 "pairs": pairs,
                 "plan": plan,
                 "device": device,
+                "clock": model["clock"],  # cpu: CPU seconds of the process (all its threads), wall: elapsed
                 "seconds": {k: round(v) for k, v in seconds.items()},
                 "days": round(total / 86400, 2),
             }

@@ -394,6 +394,22 @@ def _resumable_plan(
     return plan
 
 
+class _Clock:
+    """Wall and CPU seconds of this process from a start, added under a name and under ``NAME_cpu``: the CPU time
+    holds on a machine shared with other work, where the wall clock moved 2-3x between two runs (bench/scale.py
+    fits its cost model on it)."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def add(self, seconds: dict[str, float], name: str) -> float:
+        """Add the time since the start to ``seconds``; the wall seconds."""
+        wall = time.perf_counter() - self.wall
+        seconds[name] = seconds.get(name, 0.0) + wall
+        seconds[f"{name}_cpu"] = seconds.get(f"{name}_cpu", 0.0) + time.process_time() - self.cpu
+        return wall
+
+
 def _synchronize(device: str) -> None:
     """Wait for the GPU's queued work, so that a stage's clock holds its own kernels (CUDA runs asynchronously: the
     time would otherwise land on whichever stage next reads a result). One wait a batch and stage costs little."""
@@ -447,14 +463,16 @@ def _run_stages(context: RunContext, config: PrecomputeConfig, group: Distribute
     _record_ranks(context, stages, group)
     while stages:  # each stage is dropped once written: the plan's writing phase counts only the rest
         stage = stages.pop(0)
-        stage_started = time.perf_counter()
+        clock = _Clock()
         write_stage(stage, context)
-        written = time.perf_counter() - stage_started
+        clock.add(seconds, f"{stage.name}_write")
         context.store.mark_stage_done(context.run_id, stage.name, seconds[stage.name])
-        context.store.record_timing(context.run_id, f"{stage.name}_write", written)
+        for name in (f"{stage.name}_cpu", f"{stage.name}_write", f"{stage.name}_write_cpu"):
+            context.store.record_timing(context.run_id, name, seconds.get(name, 0.0))
         del stage
         trim_heap()
-    context.store.record_timing(context.run_id, "forward", seconds["forward"])
+    for name in ("forward", "forward_cpu"):
+        context.store.record_timing(context.run_id, name, seconds.get(name, 0.0))
 
 
 def _resume_point(path: Path, inputs: RunInputs, stages: Sequence[Stage], group: Distributed) -> dict | None:
@@ -593,7 +611,7 @@ def _stream_stages(
             break
         own_rows = mode == 2
         step = rows_per_batch if own_rows else rows_per_batch * group.world_size  # every rank's batches of a step
-        started = time.perf_counter()
+        started = _Clock()
         batches = _rank_batches(inputs, config, active, rows_done, group, every_row=bool(whole), own_rows=own_rows)
         if needs_pilot:  # rank 0's first batch is the dataset's first: every rank's pilot (a shift, bin edges)
             held = [first] if group.is_main and (first := next(batches, None)) is not None else []
@@ -608,27 +626,27 @@ def _stream_stages(
             batch = next(batches, None) if (whole or mine) and active else None
             if batch is not None:
                 _synchronize(config.device)
-                seconds["forward"] += time.perf_counter() - started
+                started.add(seconds, "forward")
                 for stage in active:
                     if not mine and not stage.reads_every_row:
                         continue
-                    stage_started = time.perf_counter()
+                    clock = _Clock()
                     stage.update(batch)
                     _synchronize(config.device)
-                    seconds[stage.name] += time.perf_counter() - stage_started
+                    clock.add(seconds, stage.name)
             rows_done = min(step_start + step, inputs.dataset.n_rows)
             del batch  # closing the pass (and the checkpoint) need the batch's memory: its plan has none
             if group.agree(time.monotonic() - last_save > interval):
                 interval = save()
                 last_save = time.monotonic()
-            started = time.perf_counter()
+            started = _Clock()
         next(batches, None)  # the end of the batches: their progress bar closes
         for stage in active:
-            stage_started = time.perf_counter()
+            clock = _Clock()
             if group.world_size > 1:
                 stage.reduce(group)  # every rank's share of the pass, combined before the pass closes
             stage.finish_pass()
-            seconds[stage.name] += time.perf_counter() - stage_started
+            clock.add(seconds, stage.name)
         rows_done = 0
         logger.info("pass over the rows done: %s", ", ".join(s.name for s in active) or "(none on this rank)")
         streaming = bool(group.all_reduce_int(int(any(s.hooks and not s.done_streaming for s in stages)), "max"))

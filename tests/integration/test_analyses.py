@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
@@ -80,7 +81,13 @@ def test_every_model_gets_every_table_and_the_run_records_timings(analysed):
     assert query(db, "SELECT count(*) FROM activation_stats") == [(analysed.stats_rows,)]  # untouched by stage 2
     ((stages, timings),) = query(db, "SELECT stages, timings FROM runs")
     assert set(json.loads(stages)) == {"correlations", "stats", "examples", "families"}
-    assert {"stats", "examples", "families", "forward"} <= set(json.loads(timings))
+    timings = json.loads(timings)
+    assert {"stats", "examples", "families", "forward"} <= set(timings)
+    # each part's CPU seconds beside its wall seconds (bench/scale.py fits on them): positive, and at most the wall
+    # time of every core, with a little slack for the clocks' reading apart
+    cores = os.cpu_count() or 1
+    for name in ("forward", "stats", "examples", "families", "stats_write", "examples_write"):
+        assert 0 < timings[f"{name}_cpu"] <= timings[name] * cores + 0.05, name
     n_neurons = 2 * 64
     for (model_id,) in query(db, "SELECT id FROM models"):
         for table, per_neuron in [
