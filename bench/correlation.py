@@ -29,6 +29,7 @@ import torch
 
 from precompute.activations import ActivationBatch
 from precompute.correlation import (
+    FP8_PRECISIONS,
     CorrelationConfig,
     CorrelationEngine,
     ModelShape,
@@ -106,18 +107,19 @@ def ceiling_update(
     """The bare GEMMs of one batch in the engine's precision: the cross products of every pair, and (with_gram)
     the within-layer Gram products of every model that the rotated baseline needs. For fp8 the operands are
     quantized beforehand (`ScaledOperand`), so only the scaled GEMMs are timed."""
-    if precision == "fp8":
+    if precision in FP8_PRECISIONS:
+        fast = precision == "fp8-fast"
         scaled = [ScaledOperand.quantize(a[0].reshape(a.shape[1], -1).float().clone()) for a in acts]
         d_mlp = acts[0].shape[-1]
         layers = [[s.columns(slice(i * d_mlp, (i + 1) * d_mlp)) for i in range(acts[0].shape[2])] for s in scaled]
 
         def update_fp8() -> None:
             for a, b in pairs:
-                fp8_matmul_fp32(scaled[a], scaled[b])
+                fp8_matmul_fp32(scaled[a], scaled[b], fast)
             if with_gram:
                 for model in layers:
                     for layer in model:
-                        fp8_matmul_fp32(layer, layer)
+                        fp8_matmul_fp32(layer, layer, fast)
 
         return update_fp8
     dtype = {"float64": torch.float64, "float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16}
@@ -252,7 +254,7 @@ def main() -> None:
     parser.add_argument(
         "--precision",
         default=None,
-        help="one or several, comma-separated: float32/float64 (CPU), tf32/bfloat16/fp8 (CUDA; fp8 also on the CPU)",
+        help="comma-separated: float32/float64 (CPU), tf32/bfloat16/fp8/fp8-fast (CUDA; fp8 also on CPUs)",
     )
     parser.add_argument(
         "--error-reference",

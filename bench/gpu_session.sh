@@ -7,6 +7,9 @@
 #   DEVICE=cpu SMALL=1 bash bench/gpu_session.sh   # the same steps at toy shapes on a CPU (a dry run of the script)
 #   TUNED_SECONDS=120 bash bench/gpu_session.sh     # then the correlations alone with the card's memory and 12,288-
 #                                                   # token batches (TUNED_BUDGET_GB, default 60)
+#   PRECISIONS=bfloat16,fp8,fp8-fast BENCH5_SECONDS=60 SKIP_DEFAULT=1 TUNED_SECONDS=110 SCALE_SECONDS=230 \
+#       bash bench/gpu_session.sh                   # the second session's selection: the bench also with five models
+#                                                   # (--reference-only), no default 1M run, bench/scale.py on the GPU
 #
 # Needs what the GPU machine lacks as wheels in .whl/ (transformer-lens, sqlalchemy, alembic, mako, datasets, dill,
 # multiprocess, greenlet: docs/performance.md says how they were fetched), the 50,257-token stdlib tokenizer in
@@ -41,12 +44,17 @@ fi
 
 echo "== correlation bench ($(date -u +%T))"
 timeout "${BENCH_SECONDS:-200}" "$PY" bench/correlation.py --device "$DEVICE" "${BENCH[@]}" --skip-paper \
-    --precision bfloat16,fp8,tf32 --error-reference | tee "$OUT/correlation.jsonl"
+    --precision "${PRECISIONS:-bfloat16,fp8,tf32}" --error-reference | tee "$OUT/correlation.jsonl"
+if [[ -n "${BENCH5_SECONDS:-}" ]]; then  # five models against the reference: the operands' casts shared by 4 pairs
+    timeout "$BENCH5_SECONDS" "$PY" bench/correlation.py --device "$DEVICE" "${BENCH[@]}" --models 5 --reference-only \
+        --skip-paper --precision "${PRECISIONS:-bfloat16,fp8,tf32}" | tee "$OUT/correlation-5.jsonl"
+fi
 
 echo "== models ($(date -u +%T))"
 mkdir -p "$FAMILY/tokenizer" && cp -r .whl/tokenizer/. "$FAMILY/tokenizer/"
 timeout 180 "$PY" .whl/paper_shape_family.py "$FAMILY" 2 "${SHAPE[@]}" || exit 1
 
+if [[ -z "${SKIP_DEFAULT:-}" ]]; then
 echo "== precompute, default settings, $TOKENS stdlib:all tokens ($(date -u +%T))"
 rm -f /tmp/gpu-atlas.db*
 started=$(date +%s)
@@ -80,6 +88,7 @@ EOF
 ls -la /tmp/gpu-atlas.db 2>/dev/null
 [[ -f /tmp/gpu-atlas.db ]] && "$PY" -m bench.atlas_size /tmp/gpu-atlas.db \
     --project gpt2-small-5=184320:5 gpt2-medium-5=491520:5 >"$OUT/atlas_size.json" 2>&1
+fi
 
 # The correlation stage as the bench runs it: the whole card (one pass) and 12,288-token batches (48 rows of 256).
 if [[ -n "${TUNED_SECONDS:-}" ]]; then
@@ -91,5 +100,12 @@ if [[ -n "${TUNED_SECONDS:-}" ]]; then
     echo "exit $?"
     "$PY" -c "import sqlite3; print(sqlite3.connect('/tmp/gpu-tuned.db').execute(
         'SELECT status, tokens_counted, timings FROM runs').fetchone())"
+fi
+# bench/scale.py on the GPU: every stage of the family at a few token counts, its cost model and extrapolation.
+if [[ -n "${SCALE_SECONDS:-}" ]]; then
+    echo "== bench/scale.py --device $DEVICE --tokens ${SCALE_TOKENS:-16384 65536} ($(date -u +%T))"
+    # shellcheck disable=SC2086  # the token counts are words
+    timeout "$SCALE_SECONDS" "$PY" bench/scale.py --device "$DEVICE" --family "$FAMILY" --tokens ${SCALE_TOKENS:-16384 65536} \
+        --budget-gb "${TUNED_BUDGET_GB:-60}" --limit-gb "${SCALE_LIMIT_GB:-100}" --out "$OUT/scale.jsonl" 2>&1 | tail -c 4000
 fi
 echo "== done ($(date -u +%T))"

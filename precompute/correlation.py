@@ -31,7 +31,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,17 +45,25 @@ from precompute.memory import CHUNK_BYTES, StageMemory, chunk_bytes, chunk_rows
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["float64", "float32", "tf32", "bfloat16", "fp8"]
+Precision = Literal["float64", "float32", "tf32", "bfloat16", "fp8", "fp8-fast"]
 BaselineKind = Literal["gaussian", "haar"]
-PRECISIONS: tuple[str, ...] = ("float64", "float32", "tf32", "bfloat16", "fp8")
+PRECISIONS: tuple[str, ...] = ("float64", "float32", "tf32", "bfloat16", "fp8", "fp8-fast")
 #: Precisions whose products reach float32 accumulators (the GPU's): float64 adds would double the memory traffic.
-FLOAT32_ACCUMULATED: frozenset[str] = frozenset({"tf32", "bfloat16", "fp8"})
+FLOAT32_ACCUMULATED: frozenset[str] = frozenset({"tf32", "bfloat16", "fp8", "fp8-fast"})
+
+#: The precisions whose products are float8 GEMMs (`ScaledOperand`, `fp8_matmul_fp32`); fp8-fast lets the tensor
+#: cores accumulate each product in their own reduced precision (``use_fast_accum``: no periodic promotion to
+#: float32 inside the GEMM), which is faster on Hopper GPUs and less exact: the bench measures both.
+FP8_PRECISIONS: frozenset[str] = frozenset({"fp8", "fp8-fast"})
 
 #: On CUDA a batch's operands are worked whole up to this many bytes (every model's counted tokens at once): the
 #: token count is the products' inner dimension, and each chunk reads and writes the whole accumulator once, so
 #: CPU-sized chunks (`precompute.memory.CHUNK_BYTES`, ~150 tokens at GPT-2-small shapes) would make the GEMMs
 #: memory-bound. 8 GiB holds a 12,288-token batch of two GPT-2-small models in bf16 with its float32 copies.
 CUDA_OPERAND_CHUNK_BYTES = 8 * 2**30
+
+#: Rotations drawn at once in CPU threads while a CUDA run closes a pass (`CorrelationEngine._rotations_for`).
+ROTATION_DRAW_THREADS = min(8, os.cpu_count() or 1)
 
 #: The largest value of float8 e4m3: each neuron's values are scaled so that its largest magnitude lands here.
 FP8_MAX = 448.0
@@ -76,8 +86,9 @@ class CorrelationConfig:
             unit length); ``haar`` is a uniformly random orthogonal matrix.
         baseline_seed: seeds every layer's rotation (the paper's was unseeded: pitfall 3).
         top_k: how many best partner neurons to keep per neuron and partner model.
-        precision: products per batch: float64, float32 (CPU default), tf32, bfloat16 (CUDA default) or fp8
-            (e4m3 operands with a scale per neuron and chunk, `torch._scaled_mm`, float32 results).
+        precision: products per batch: float64, float32 (CPU default), tf32, bfloat16 (CUDA default), fp8
+            (e4m3 operands with a scale per neuron and chunk, `torch._scaled_mm`, float32 results) or fp8-fast
+            (the same with the GEMM's fast accumulation).
         reference_only: correlate the first model with each other model only, instead of all pairs.
         memory_budget_gb: the run's memory budget in GiB: a precompute plans every stage under it
             (`precompute.memory`); the engine on its own (benchmarks, tests) packs its accumulators under it.
@@ -203,25 +214,33 @@ class ScaledOperand:
 
     @classmethod
     def quantize(cls, x: torch.Tensor) -> ScaledOperand:
-        """Scale each neuron of ``x`` ([tokens, neurons] float32; divided in place) by its largest magnitude."""
+        """Scale each neuron of ``x`` ([tokens, neurons] float32; divided in place) by its largest magnitude.
+
+        Memory traffic is most of its cost on a GPU: the largest magnitude comes from the column maxima and minima
+        (no |x| copy), and the cast to float8 is made in ``x``'s own layout before the neuron-major transpose, so
+        the strided copy moves one byte a value instead of four.
+        """
         tokens, n = x.shape
-        scales = x.abs().amax(dim=0).clamp_min_(torch.finfo(torch.float32).tiny).div_(FP8_MAX)
+        magnitude = torch.maximum(x.amax(dim=0), x.amin(dim=0).neg_())
+        scales = magnitude.clamp_min_(torch.finfo(torch.float32).tiny).div_(FP8_MAX)
         values = torch.zeros(n, -(-tokens // 16) * 16, dtype=torch.float8_e4m3fn, device=x.device)
-        values[:, :tokens] = x.div_(scales).T
+        values[:, :tokens] = x.div_(scales).to(torch.float8_e4m3fn).T
         return cls(values, scales.unsqueeze(1))
 
     def columns(self, neurons: slice) -> ScaledOperand:
         return ScaledOperand(self.values[neurons], self.scales[neurons])
 
 
-def fp8_matmul_fp32(left: ScaledOperand, right: ScaledOperand) -> torch.Tensor:
-    """leftᵀ right (each [tokens, n] as a `ScaledOperand`): float8 products with float32 results, rescaled."""
+def fp8_matmul_fp32(left: ScaledOperand, right: ScaledOperand, fast_accum: bool = False) -> torch.Tensor:
+    """leftᵀ right (each [tokens, n] as a `ScaledOperand`): float8 products with float32 results, rescaled;
+    ``fast_accum``: the tensor cores' fast accumulation (`FP8_PRECISIONS`)."""
     return torch._scaled_mm(
         left.values,
         right.values.T,
         scale_a=left.scales,
         scale_b=right.scales.reshape(1, -1),
         out_dtype=torch.float32,
+        use_fast_accum=fast_accum,
     )
 
 
@@ -357,7 +376,7 @@ def default_budget_bytes(device: torch.device) -> int:
 
 def _operand_bytes(precision: Precision) -> int:
     """Bytes per activation the engine holds for each chunk of tokens: float32, plus the operand copy."""
-    return 4 + {"float64": 8, "float32": 0, "tf32": 0, "bfloat16": 2, "fp8": 1}[precision]
+    return 4 + {"float64": 8, "float32": 0, "tf32": 0, "bfloat16": 2, "fp8": 1, "fp8-fast": 1}[precision]
 
 
 def operand_chunk_budget(device: torch.device) -> int:
@@ -564,6 +583,7 @@ class CorrelationEngine:
         self.baseline_dtype = torch.float64 if self.precision == "float64" else torch.float32
         self._pass_rows = 0  # tokens folded into this pass's accumulators
         self._rotations: dict[tuple[int, int], torch.Tensor] = {}  # kept only when the plan keeps them
+        self.draw_ahead = self.device.type == "cuda"  # rotations drawn in CPU threads ahead of use (`_rotations_for`)
         if self.precision == "tf32":
             torch.backends.cuda.matmul.allow_tf32 = True
         self._allocate_pass()
@@ -603,7 +623,7 @@ class CorrelationEngine:
         operands are made in `update`, which sums them too."""
         if self.precision == "bfloat16":
             return x.bfloat16()
-        if self.precision == "fp8":
+        if self.precision in FP8_PRECISIONS:
             return ScaledOperand.quantize(x)
         return x
 
@@ -626,7 +646,7 @@ class CorrelationEngine:
             step = chunk_rows(out.shape[1], 4, self.plan.operand_chunk)
             for start in range(0, out.shape[0], step):
                 rows = slice(start, start + step)
-                out[rows].add_(fp8_matmul_fp32(left.columns(rows), right))
+                out[rows].add_(fp8_matmul_fp32(left.columns(rows), right, self.precision == "fp8-fast"))
             return
         assert isinstance(left, torch.Tensor) and isinstance(right, torch.Tensor)
         left_t = left.transpose(0, 1)
@@ -803,34 +823,65 @@ class CorrelationEngine:
     def dead_neurons(self, index: int) -> torch.Tensor:
         return ~self._std(index)[1].cpu()
 
+    def _drawn(self, index: int, layer: int) -> torch.Tensor:
+        """The layer's rotation as drawn from its seed: float64, on the CPU."""
+        shape = self.shapes[index]
+        seed = layer_rotation_seed(self.config.baseline_seed, shape.name, layer)
+        return rotation_matrix(shape.d_mlp, self.config.baseline, seed)
+
+    def _placed(self, key: tuple[int, int], drawn: torch.Tensor) -> torch.Tensor:
+        """A drawn rotation on the engine's device in the baseline's precision (kept when the plan keeps them)."""
+        rotation = drawn.to(self.device, self.baseline_dtype)
+        if self.plan.keep_rotations:
+            self._rotations[key] = rotation
+        return rotation
+
     def _rotation(self, index: int, layer: int) -> torch.Tensor:
         """The layer's rotation, drawn from its seed in float64 and used in the baseline's precision (kept when the
         plan keeps rotations)."""
         key = (index, layer)
         if key in self._rotations:
             return self._rotations[key]
-        shape = self.shapes[index]
-        seed = layer_rotation_seed(self.config.baseline_seed, shape.name, layer)
-        rotation = rotation_matrix(shape.d_mlp, self.config.baseline, seed).to(self.device, self.baseline_dtype)
-        if self.plan.keep_rotations:
-            self._rotations[key] = rotation
-        return rotation
+        return self._placed(key, self._drawn(index, layer))
+
+    def _rotations_for(self, keys: Sequence[tuple[int, int]]) -> Iterator[torch.Tensor]:
+        """The rotations of these (model, layer) keys, in order. On CUDA the draws run ahead in CPU threads
+        (`draw_ahead`; `ROTATION_DRAW_THREADS` at a time): a float64 draw of a GPT-2-small layer takes ~0.26 s in
+        one CPU thread, and a run's 24 of them were most of the correlation stage's closing on an H100 (6.2 of
+        8.1 s; 2.5 s in all with the threads). The draws wait in host memory, outside the GPU's plan, and reach the
+        device one at a time as before. On the CPU they are drawn one at a time, as the plan prices them."""
+        missing = [key for key in keys if key not in self._rotations]
+        if not self.draw_ahead or len(missing) < 2:
+            for key in keys:
+                yield self._rotation(*key)
+            return
+        with ThreadPoolExecutor(ROTATION_DRAW_THREADS) as pool:
+            ahead: deque[tuple[tuple[int, int], Future[torch.Tensor]]] = deque()
+            queue = iter(missing)
+            for key in keys:
+                while len(ahead) < ROTATION_DRAW_THREADS and (following := next(queue, None)) is not None:
+                    ahead.append((following, pool.submit(self._drawn, *following)))
+                if key in self._rotations:
+                    yield self._rotations[key]
+                    continue
+                drawn_key, future = ahead.popleft()
+                assert drawn_key == key  # missing keys are drawn in the order they are asked for
+                yield self._placed(key, future.result())
 
     def _rotated_spreads(self) -> None:
         """sqrt(diag(R G̃ Rᵀ)): the spread of every rotated unit of the layers whose Gram matrices this pass
         gathered, from the centred Gram matrices; then each matrix is freed, keeping its diagonal."""
-        for index, shape in enumerate(self.shapes):
-            moments = self.moments[index]
+        keys = [(index, layer) for index in range(len(self.shapes)) for layer in sorted(self.moments[index].gram)]
+        for (index, layer), rotation in zip(keys, self._rotations_for(keys), strict=True):
+            shape, moments = self.shapes[index], self.moments[index]
             assert moments.total is not None and moments.squares is not None
-            for layer in sorted(moments.gram):
-                rows = slice(layer * shape.d_mlp, (layer + 1) * shape.d_mlp)
-                sums = moments.total[rows]
-                gram = (moments.gram[layer].double() - torch.outer(sums, sums) / moments.count).to(self.baseline_dtype)
-                rotation = self._rotation(index, layer)
-                spread = ((rotation @ gram) * rotation).sum(dim=1, dtype=torch.float64)
-                self.rotated_std[(index, layer)] = spread.clamp_min(0).sqrt()
-                moments.squares[rows] = moments.gram.pop(layer).diagonal().double()
-                del gram, rotation, spread
+            rows = slice(layer * shape.d_mlp, (layer + 1) * shape.d_mlp)
+            sums = moments.total[rows]
+            gram = (moments.gram[layer].double() - torch.outer(sums, sums) / moments.count).to(self.baseline_dtype)
+            spread = ((rotation @ gram) * rotation).sum(dim=1, dtype=torch.float64)
+            self.rotated_std[(index, layer)] = spread.clamp_min(0).sqrt()
+            moments.squares[rows] = moments.gram.pop(layer).diagonal().double()
+            del gram, rotation, spread
 
     def finish_pass(self) -> None:
         """Turn the current pass's accumulators into results, free them, and start the next pass."""
@@ -860,15 +911,13 @@ class CorrelationEngine:
             self._finish_tile(a, b, layer, layer_b, products, rotation_a, rotation_b)
 
         if len(layers_a) <= len(layers_b):
-            held = {layer: self._rotation(a, layer) for layer in layers_a}
-            for layer_b in layers_b:
-                rotation_b = self._rotation(b, layer_b)
+            held = dict(zip(layers_a, self._rotations_for([(a, layer) for layer in layers_a]), strict=True))
+            for layer_b, rotation_b in zip(layers_b, self._rotations_for([(b, i) for i in layers_b]), strict=True):
                 for layer in layers_a:
                     tile(layer, layer_b, held[layer], rotation_b)
         else:
-            held = {layer_b: self._rotation(b, layer_b) for layer_b in layers_b}
-            for layer in layers_a:
-                rotation_a = self._rotation(a, layer)
+            held = dict(zip(layers_b, self._rotations_for([(b, layer_b) for layer_b in layers_b]), strict=True))
+            for layer, rotation_a in zip(layers_a, self._rotations_for([(a, i) for i in layers_a]), strict=True):
                 for layer_b in layers_b:
                     tile(layer, layer_b, rotation_a, held[layer_b])
 

@@ -467,7 +467,7 @@ def _run_stages(context: RunContext, config: PrecomputeConfig, group: Distribute
         write_stage(stage, context)
         clock.add(seconds, f"{stage.name}_write")
         context.store.mark_stage_done(context.run_id, stage.name, seconds[stage.name])
-        for name in (f"{stage.name}_cpu", f"{stage.name}_write", f"{stage.name}_write_cpu"):
+        for name in (f"{stage.name}_cpu", f"{stage.name}_close", f"{stage.name}_write", f"{stage.name}_write_cpu"):
             context.store.record_timing(context.run_id, name, seconds.get(name, 0.0))
         del stage
         trim_heap()
@@ -646,7 +646,8 @@ def _stream_stages(
             if group.world_size > 1:
                 stage.reduce(group)  # every rank's share of the pass, combined before the pass closes
             stage.finish_pass()
-            clock.add(seconds, stage.name)
+            closing = clock.add(seconds, stage.name)  # in the stage's own time, and apart: it does not grow with tokens
+            seconds[f"{stage.name}_close"] = seconds.get(f"{stage.name}_close", 0.0) + closing
         rows_done = 0
         logger.info("pass over the rows done: %s", ", ".join(s.name for s in active) or "(none on this rank)")
         streaming = bool(group.all_reduce_int(int(any(s.hooks and not s.done_streaming for s in stages)), "max"))

@@ -88,6 +88,8 @@ def test_every_model_gets_every_table_and_the_run_records_timings(analysed):
     cores = os.cpu_count() or 1
     for name in ("forward", "stats", "examples", "families", "stats_write", "examples_write"):
         assert 0 < timings[f"{name}_cpu"] <= timings[name] * cores + 0.05, name
+    for name in ("stats", "examples", "families"):  # closing the passes: part of the stage's time, also apart
+        assert 0 <= timings[f"{name}_close"] <= timings[name], name
     n_neurons = 2 * 64
     for (model_id,) in query(db, "SELECT id FROM models"):
         for table, per_neuron in [

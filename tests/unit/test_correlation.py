@@ -173,6 +173,35 @@ def test_memory_budget_splits_into_passes_with_identical_results():
 
 
 @pytest.mark.parametrize("budget_gb", [None, 4 * 12 * 8 / 2**30])
+def test_rotations_drawn_ahead_in_threads_give_the_same_results(monkeypatch, budget_gb):
+    """CUDA runs draw the baseline's rotations in CPU threads ahead of use (`draw_ahead`): forced here on the CPU,
+    in one pass (rotations kept) and in several (drawn again per block), with fewer threads than rotations so the
+    window slides. Each rotation must still meet its own layer: the results equal the sequential draws'."""
+    import precompute.correlation as correlation
+
+    monkeypatch.setattr(correlation, "ROTATION_DRAW_THREADS", 2)
+    rng = np.random.default_rng(8)
+    acts = {name: random_activations(rng, 6, 12, 3, 4) for name in "abc"}
+    counted = np.ones((6, 12), dtype=bool)
+    shapes = [ModelShape(name, 3, 4) for name in "abc"]
+    sequential = run_engine(shapes, acts, counted, [3], memory_budget_gb=budget_gb)
+    ahead = CorrelationEngine(shapes, CorrelationConfig(memory_budget_gb=budget_gb))
+    ahead.draw_ahead = True
+    drawn: list[tuple[int, int]] = []
+    original = ahead._drawn
+    monkeypatch.setattr(ahead, "_drawn", lambda index, layer: drawn.append((index, layer)) or original(index, layer))
+    while not ahead.done:
+        for batch in make_batches(acts, counted, [3]):
+            ahead.update(batch)
+        ahead.finish_pass()
+    assert len(drawn) >= 9  # every layer of every model, at least once
+    for key, result in sequential.results.items():
+        torch.testing.assert_close(ahead.results[key].top_corr, result.top_corr, rtol=0, atol=0)
+        torch.testing.assert_close(ahead.results[key].baseline_corr, result.baseline_corr, rtol=0, atol=0)
+        torch.testing.assert_close(ahead.results[key].baseline_index, result.baseline_index, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("budget_gb", [None, 4 * 12 * 8 / 2**30])
 def test_memory_plan_is_the_state_the_engine_holds(budget_gb):
     from tests.factories import tensor_bytes
 
@@ -223,7 +252,7 @@ def test_bad_configuration_is_refused_with_the_choices():
         CorrelationConfig(precision="float16")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "tf32", "fp8"])
+@pytest.mark.parametrize("precision", ["bfloat16", "tf32", "fp8", "fp8-fast"])
 def test_gpu_precisions_agree_with_float64(precision):
     """The CUDA code paths (bf16, TF32 or fp8 products, float32 accumulators), run on the CPU (fp8 through the
     CPU's `torch._scaled_mm`; measured error ~6e-3 here, bf16 ~5e-4)."""
@@ -235,7 +264,7 @@ def test_gpu_precisions_agree_with_float64(precision):
     exact = run_engine(shapes, acts, counted, [3, 6], precision="float64")
     fast = run_engine(shapes, acts, counted, [3, 6], precision=precision)
     assert fast.accumulator_dtype == torch.float32
-    tolerance = 2e-2 if precision in ("bfloat16", "fp8") else 1e-5
+    tolerance = 2e-2 if precision in ("bfloat16", "fp8", "fp8-fast") else 1e-5
     for key, result in exact.results.items():
         np.testing.assert_allclose(fast.results[key].top_corr[:, 0], result.top_corr[:, 0], atol=tolerance)
         np.testing.assert_allclose(fast.results[key].baseline_corr, result.baseline_corr, atol=tolerance)
@@ -257,14 +286,14 @@ def test_fp8_operands_round_trip_with_a_scale_per_neuron(tokens, padded):
     assert (product - exact).norm() / exact.norm() < 0.05  # e4m3 rounding; a wrong scale would be off by orders
 
 
-@pytest.mark.parametrize("precision", ["float32", "tf32", "bfloat16", "fp8"])
+@pytest.mark.parametrize("precision", ["float32", "tf32", "bfloat16", "fp8", "fp8-fast"])
 def test_operands_are_in_the_engines_precision(precision):
     """The products' operands: float32 as they come (float32, TF32), bf16, or fp8 with scales; float64 is made in
     `update`. A more precise operand would pass every tolerance test, so the dtype itself is checked."""
     engine = CorrelationEngine([ModelShape("a", 1, 4), ModelShape("b", 1, 4)], CorrelationConfig(precision=precision))
     x = torch.randn(5, 4)
     operand = engine._operand(x)
-    if precision == "fp8":
+    if precision.startswith("fp8"):
         assert isinstance(operand, ScaledOperand) and operand.values.dtype == torch.float8_e4m3fn
     else:
         assert isinstance(operand, torch.Tensor)
@@ -283,10 +312,12 @@ def test_fp8_products_reach_the_accumulator_in_blocks_of_the_operand_budget(monk
     engine = CorrelationEngine(shapes, CorrelationConfig(precision="fp8"))
     engine.plan = dataclasses.replace(engine.plan, operand_chunk=5 * 16 * 4)  # 5 rows of 16 float32 products
     blocks: list[int] = []
+    fast_flags: list[bool] = []
     original = correlation.fp8_matmul_fp32
 
-    def recorded(left, right):
+    def recorded(left, right, fast_accum=False):
         blocks.append(left.values.shape[0])
+        fast_flags.append(fast_accum)
         return original(left, right)
 
     monkeypatch.setattr(correlation, "fp8_matmul_fp32", recorded)
@@ -295,6 +326,10 @@ def test_fp8_products_reach_the_accumulator_in_blocks_of_the_operand_budget(monk
     engine._products(x, x, out)
     assert blocks == [5, 5, 5, 1]
     np.testing.assert_allclose(out, original(x, x), rtol=1e-6, atol=1e-6)
+    assert fast_flags == [False] * 4  # fp8 asks for the GEMM's exact accumulation, fp8-fast for the fast one
+    fast = CorrelationEngine(shapes, CorrelationConfig(precision="fp8-fast"))
+    fast._products(x, x, torch.zeros(16, 16))
+    assert fast_flags[4:] == [True]
 
 
 def test_cuda_plan_works_a_whole_batch_at_once():
