@@ -130,15 +130,16 @@ def _add_precompute(commands: argparse._SubParsersAction) -> None:
         choices=PRECISIONS,
         default=None,
         help="per-batch products (default float32 on CPU, bfloat16 on CUDA; fp8: e4m3 operands with a scale per "
-        "neuron through torch._scaled_mm, for Hopper GPUs, error against float64 in docs/performance.md)",
+        "neuron through torch._scaled_mm, for Hopper GPUs; fp8-fast: the same with the GEMM's fast accumulation, "
+        "faster and less exact; their errors against float64 are in docs/performance.md)",
     )
     corr.add_argument(
         "--memory-budget-gb",
         type=float,
         default=None,
-        help="memory the run may plan (models, a batch, every stage's state; the Python runtime aside); it is "
-        f"split into more passes or smaller batches to fit, or refused before any work. Default: "
-        f"{int(DEFAULT_SHARE * 100)}%% of the memory available at the start",
+        help="memory the run may plan beyond its loaded models and the Python runtime (a batch, every stage's "
+        "state and temporaries); it is split into more passes or smaller batches to fit, or refused before any "
+        f"work. Default: {int(DEFAULT_SHARE * 100)}%% of the memory available once the models are loaded",
     )
     corr.add_argument("--threshold", type=float, default=0.5, help="excess correlation that counts as universal")
     run = parser.add_argument_group("run")

@@ -133,17 +133,34 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class LayerBlock:
-    """The accumulator for rows = layers [layer_start, layer_stop) of model a against all neurons of model b."""
+    """The accumulator for rows = layers [layer_start, layer_stop) of model a against the neurons of layers
+    [b_layer_start, b_layer_stop) of model b (None: to b's last layer). A block is made of whole [d_a, d_b] tiles,
+    so each pass closes complete tiles: both rotated baselines of a tile need all of its rows and columns."""
 
     a: int
     b: int
     layer_start: int
     layer_stop: int
+    b_layer_start: int = 0
+    b_layer_stop: int | None = None
+
+    def b_layers(self, shapes: Sequence[ModelShape]) -> range:
+        stop = shapes[self.b].n_layers if self.b_layer_stop is None else self.b_layer_stop
+        return range(self.b_layer_start, stop)
+
+    def key(self) -> tuple[int, int, int, int, int, int | None]:
+        """The block as a plain tuple (checkpoints); `LayerBlock(*key)` makes it again."""
+        return (self.a, self.b, self.layer_start, self.layer_stop, self.b_layer_start, self.b_layer_stop)
 
 
 def block_entries(shapes: Sequence[ModelShape], block: LayerBlock) -> int:
-    """How many numbers a block's accumulator holds: its rows of model a times every neuron of model b."""
-    return (block.layer_stop - block.layer_start) * shapes[block.a].d_mlp * shapes[block.b].n_neurons
+    """How many numbers a block's accumulator holds: its rows of model a times its columns of model b."""
+    return (
+        (block.layer_stop - block.layer_start)
+        * shapes[block.a].d_mlp
+        * len(block.b_layers(shapes))
+        * shapes[block.b].d_mlp
+    )
 
 
 @dataclass
@@ -311,22 +328,35 @@ def model_pairs(n_models: int, reference_only: bool) -> list[tuple[int, int]]:
 def plan_passes(
     shapes: Sequence[ModelShape], pairs: Sequence[tuple[int, int]], budget_bytes: int, bytes_per_entry: int
 ) -> list[list[LayerBlock]]:
-    """Split pair accumulators into whole-layer blocks and pack them into passes under a memory budget.
+    """Split pair accumulators into blocks and pack them into passes under a memory budget: blocks of whole layers
+    of model a against all of model b, or, when one such layer does not fit, one layer of a against as many
+    layers of b as fit (down to one [d_a, d_b] tile).
 
     >>> shapes = [ModelShape("a", 2, 4), ModelShape("b", 2, 4)]
     >>> [len(p) for p in plan_passes(shapes, [(0, 1)], budget_bytes=10**9, bytes_per_entry=8)]
     [1]
     >>> [len(p) for p in plan_passes(shapes, [(0, 1)], budget_bytes=4 * 8 * 8, bytes_per_entry=8)]
     [1, 1]
+    >>> [(b.layer_start, b.b_layer_start, b.b_layer_stop) for p in plan_passes(shapes, [(0, 1)], 4 * 4 * 8, 8)
+    ...  for b in p]
+    [(0, 0, 1), (0, 1, 2), (1, 0, 1), (1, 1, 2)]
     """
     blocks: list[tuple[LayerBlock, int]] = []
     for a, b in pairs:
-        layer_bytes = shapes[a].d_mlp * shapes[b].n_neurons * bytes_per_entry
-        if layer_bytes > budget_bytes:
+        tile_bytes = shapes[a].d_mlp * shapes[b].d_mlp * bytes_per_entry
+        if tile_bytes > budget_bytes:
             raise CorrelationError(
-                f"one layer of {shapes[a].name} against all of {shapes[b].name} needs "
-                f"{layer_bytes / 2**30:.2f} GiB; raise --memory-budget-gb"
+                f"one layer of {shapes[a].name} against one layer of {shapes[b].name} needs "
+                f"{tile_bytes / 2**30:.2f} GiB; raise --memory-budget-gb"
             )
+        layer_bytes = tile_bytes * shapes[b].n_layers
+        if layer_bytes > budget_bytes:  # a layer of a against groups of b's layers
+            per_group = budget_bytes // tile_bytes
+            for layer in range(shapes[a].n_layers):
+                for start in range(0, shapes[b].n_layers, per_group):
+                    stop = min(shapes[b].n_layers, start + per_group)
+                    blocks.append((LayerBlock(a, b, layer, layer + 1, start, stop), (stop - start) * tile_bytes))
+            continue
         per_block = max(1, budget_bytes // layer_bytes)
         for start in range(0, shapes[a].n_layers, per_block):
             stop = min(shapes[a].n_layers, start + per_block)
@@ -353,7 +383,8 @@ def pack_into_passes(
     [[(0, 2)], [(2, 4)]]
     """
     layer_bytes = [shapes[a].d_mlp * shapes[b].n_neurons * bytes_per_entry for a, b in pairs]
-    low = max(layer_bytes, default=1)  # the budget of one whole layer: the most passes any packing makes
+    low = max((shapes[a].d_mlp * shapes[b].d_mlp * bytes_per_entry for a, b in pairs), default=1)  # one tile:
+    # the budget that makes the most passes of any packing
     high = sum(size * shapes[a].n_layers for size, (a, _) in zip(layer_bytes, pairs, strict=True)) or 1
     while low < high:  # the least budget whose packing makes at most n_passes passes
         middle = (low + high) // 2
@@ -438,7 +469,7 @@ class CorrelationPlan:
             for block in self.passes[index]:
                 for layer in range(block.layer_start, block.layer_stop):
                     first.setdefault((block.a, layer), index)
-                for layer in range(self.shapes[block.b].n_layers):
+                for layer in block.b_layers(self.shapes):
                     first.setdefault((block.b, layer), index)
         return first
 
@@ -471,9 +502,18 @@ class CorrelationPlan:
         # every model's operands (padded to 16 tokens for fp8)
         update = chunk_bytes(batch_tokens + 15, n_all, _operand_bytes(self.precision), self.operand_chunk)
         if self.precision != "float64":  # products in float32 reach the accumulators a block at a time
-            blocks = [(b.layer_stop - b.layer_start) * self.shapes[b.a].d_mlp for p in self.passes for b in p]
-            widest = max((s.n_neurons for s in self.shapes), default=0)
-            update += chunk_bytes(max(blocks, default=0), widest, 4)
+            update += max(
+                (
+                    chunk_bytes(
+                        (b.layer_stop - b.layer_start) * self.shapes[b.a].d_mlp,
+                        len(b.b_layers(self.shapes)) * self.shapes[b.b].d_mlp,
+                        4,
+                    )
+                    for p in self.passes
+                    for b in p
+                ),
+                default=0,
+            )
         square = max((s.d_mlp * s.d_mlp * 8 for s in self.shapes), default=0)  # float64
         item = 8 if self.precision == "float64" else 4  # the baseline's products (see `CorrelationEngine`)
         spreads = square + 3 * square * item // 8  # a rotation drawn in float64, the Gram matrix, two products
@@ -482,7 +522,7 @@ class CorrelationPlan:
         else:  # a block's layers of a or of b (fewer), one more, and the float64 draw
             rotations = max(
                 (
-                    (min(b.layer_stop - b.layer_start, self.shapes[b.b].n_layers) + 1) * square * item // 8
+                    (min(b.layer_stop - b.layer_start, len(b.b_layers(self.shapes))) + 1) * square * item // 8
                     for p in self.passes
                     for b in p
                 ),
@@ -614,9 +654,8 @@ class CorrelationEngine:
             return
         for block in self.passes[self.pass_index]:
             rows = (block.layer_stop - block.layer_start) * self.shapes[block.a].d_mlp
-            self.accumulators[block] = torch.zeros(
-                rows, self.shapes[block.b].n_neurons, dtype=self.accumulator_dtype, device=self.device
-            )
+            columns = len(block.b_layers(self.shapes)) * self.shapes[block.b].d_mlp
+            self.accumulators[block] = torch.zeros(rows, columns, dtype=self.accumulator_dtype, device=self.device)
 
     def _operand(self, x: torch.Tensor) -> torch.Tensor | ScaledOperand:
         """A chunk's shifted float32 activations [tokens, n] in the engine's precision (may reuse ``x``); float64
@@ -698,9 +737,12 @@ class CorrelationEngine:
             for index, shape in enumerate(self.shapes):
                 self._update_grams(index, shape, operands[index])
             for block, accumulator in self.accumulators.items():
-                d_a = self.shapes[block.a].d_mlp
+                d_a, d_b, layers_b = self.shapes[block.a].d_mlp, self.shapes[block.b].d_mlp, block.b_layers(self.shapes)
                 left = self._columns(operands[block.a], slice(block.layer_start * d_a, block.layer_stop * d_a))
-                self._products(left, operands[block.b], accumulator)
+                right = operands[block.b]
+                if len(layers_b) < self.shapes[block.b].n_layers:
+                    right = self._columns(right, slice(layers_b.start * d_b, layers_b.stop * d_b))
+                self._products(left, right, accumulator)
 
     def _set_pilot(self, batch: ActivationBatch) -> None:
         """The shift of every model without one: the mean of this batch (the first with counted tokens)."""
@@ -903,11 +945,11 @@ class CorrelationEngine:
         holds fewer."""
         a, b = block.a, block.b
         d_a, d_b = self.shapes[a].d_mlp, self.shapes[b].d_mlp
-        layers_a, layers_b = range(block.layer_start, block.layer_stop), range(self.shapes[b].n_layers)
+        layers_a, layers_b = range(block.layer_start, block.layer_stop), block.b_layers(self.shapes)
 
         def tile(layer: int, layer_b: int, rotation_a: torch.Tensor, rotation_b: torch.Tensor) -> None:
-            local = (layer - block.layer_start) * d_a
-            products = accumulator[local : local + d_a, layer_b * d_b : (layer_b + 1) * d_b]
+            local, local_b = (layer - block.layer_start) * d_a, (layer_b - layers_b.start) * d_b
+            products = accumulator[local : local + d_a, local_b : local_b + d_b]
             self._finish_tile(a, b, layer, layer_b, products, rotation_a, rotation_b)
 
         if len(layers_a) <= len(layers_b):
@@ -980,11 +1022,9 @@ class CorrelationEngine:
             ],
             "rotated_std": self.rotated_std,
             # a pass that has seen no rows has zero accumulators: not written (GBs at GPT-2 shapes), made again
-            "accumulators": {
-                (b.a, b.b, b.layer_start, b.layer_stop): t for b, t in self.accumulators.items() if self._pass_rows
-            },
+            "accumulators": {b.key(): t for b, t in self.accumulators.items() if self._pass_rows},
             "results": {key: vars(result) for key, result in self.results.items()},
-            "passes": [[(b.a, b.b, b.layer_start, b.layer_stop) for b in p] for p in self.passes],
+            "passes": [[b.key() for b in p] for p in self.passes],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

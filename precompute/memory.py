@@ -9,7 +9,9 @@ accumulators and the per-token tables, is cut into that many) and how many rows 
 The pipeline prices candidate splits, picks the cheapest that fits the budget (the fewest passes, then the
 largest batches), and refuses a run whose smallest split does not fit, before the database is created. The plan
 is a pure function of the inputs and the budget, so a resumed run finds the same one. The Python runtime
-(interpreter, libraries, the tokenised dataset) is measured and shown, but is outside the budget.
+(interpreter, libraries, the tokenised dataset) is measured and shown, but is outside the budget; so are the
+models, loaded before the plan is made: ``budget`` here is --memory-budget-gb plus the models, and the plan's
+total (what the measured peak is held against) counts them.
 
 >>> plan = MemoryPlan(budget=2**31, models=2**29, batch=2**28, runtime=0,
 ...                   stages={"stats": StageMemory(state=2**28, update=2**20)}, split=Split())
@@ -139,7 +141,7 @@ class MemoryPlan:
     written, so stage i writes next to the rest of the stages after it).
     """
 
-    budget: int
+    budget: int  # --memory-budget-gb (or the default share) plus the models
     models: int
     batch: int
     stages: Mapping[str, StageMemory]
@@ -178,7 +180,8 @@ class MemoryPlan:
             lines.append(f"{name:<16}{size_text(memory.state):>12}{size_text(memory.peak):>12}  {note}")
         for phase, size in self.phases.items():
             lines.append(f"{'= ' + phase:<16}{'':>12}{size_text(size):>12}")
-        lines.append(f"{'total':<16}{'':>12}{size_text(self.total):>12}  budget {size_text(self.budget)}")
+        budget = f"budget {size_text(self.budget - self.models)} + the models"
+        lines.append(f"{'total':<16}{'':>12}{size_text(self.total):>12}  {budget}")
         runtime = size_text(self.runtime)
         lines.append(f"{'(runtime)':<16}{runtime:>12}{'':>12}  interpreter, libraries, dataset: outside the plan")
         return "\n".join(lines)
@@ -219,9 +222,10 @@ def fit_split(
     smallest = price(uniform(max_passes, 1))
     if not smallest.fits:
         raise MemoryBudgetError(
-            f"the run needs at least {size_text(smallest.total)} of memory (split as far as it goes: one row per "
-            f"batch, up to {max_passes} passes over the rows) but the budget is {size_text(smallest.budget)}: raise "
-            "--memory-budget-gb, or use fewer models or stages"
+            f"the run needs at least {size_text(smallest.total - smallest.models)} of memory beyond its models "
+            f"({size_text(smallest.models)}, loaded) when split as far as it goes (one row per batch, up to "
+            f"{max_passes} passes over the rows), but the budget is {size_text(smallest.budget - smallest.models)}: "
+            "raise --memory-budget-gb, or use fewer models or stages"
         )
 
     def fewest(fits: Callable[[int], bool], high: int) -> int:

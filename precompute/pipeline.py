@@ -239,9 +239,9 @@ def fit_plan(
 ) -> MemoryPlan:
     """The cheapest split of the run that fits its budget (`precompute.memory.fit_split`)."""
     pairs = model_pairs(len(models), config.correlation.reference_only)
-    layer_blocks = sum(models[a].n_layers for a, _ in pairs)  # the most passes the correlations can use
+    tiles = sum(models[a].n_layers * models[b].n_layers for a, b in pairs)  # the most passes the correlations use
     splittable = [name for name in config.stages if STAGES_BY_NAME[name].splittable]
-    return fit_split(price, splittable, config.dataset.batch_size, max(max_passes, layer_blocks))
+    return fit_split(price, splittable, config.dataset.batch_size, max(max_passes, tiles))
 
 
 def plan_memory(
@@ -258,9 +258,12 @@ def plan_memory(
         MemoryBudgetError: nothing fits; the message gives the least budget that would.
     """
     held = models_bytes(models)
+    # The budget is for the run's work: the models are loaded already, outside it, like the runtime (the plan's
+    # total, which the measured peak is held against, still counts them). --memory-budget-gb, or a share of what
+    # is left after loading.
     if config.correlation.memory_budget_gb is not None:  # the run's budget (a correlation option before issue 11)
-        budget = int(config.correlation.memory_budget_gb * GIB)
-    else:  # the models are loaded already: a share of what is left, plus them
+        budget = held + int(config.correlation.memory_budget_gb * GIB)
+    else:
         budget = held + int(DEFAULT_SHARE * available_bytes(config.device))
     runtime = max(0, resident_bytes() - held) if not config.device.startswith("cuda") else 0
     price = memory_pricer(config, models, dataset, budget, held, runtime, world_size)

@@ -206,21 +206,26 @@ class StatsStage(Stage):
         passes, k = split_of(inputs).passes_for(cls.name), min(config.token_top_k, tracked)
         # per neuron: both frequencies and, for each hook, its power sums, min and max (float32), histogram counts
         # and per-position sums and sums of squares; the top tokens of each token table (values, slots)
-        per_neuron = 2 * 8 + 2 * (StreamingMoments.bytes_for(1) + 2 * 4 + (config.bins + 2) * 8 + 2 * ctx * 8)
+        # and per-position means and standard deviations (float32, closed a block at a time); the top tokens of
+        # each token table (values, slots)
+        per_neuron = 2 * 8 + 2 * (StreamingMoments.bytes_for(1) + 2 * 4 + (config.bins + 2) * 8 + 2 * ctx * 4)
         per_neuron += len(TOKEN_KINDS) * k * (8 + 8)
         shared = 8 * (ctx + 2 * tracked + vocab_size(inputs))  # counts per position and token, slots, tracked ids
         n_all = sum(m.n_neurons for m in inputs.models)
-        block = sum(-(-m.n_neurons // passes) for m in inputs.models) * tracked  # one block's token sums and maxima
+        widths = sum(-(-m.n_neurons // passes) for m in inputs.models)  # one block's neurons, every model
+        block = widths * tracked  # one block's token sums and maxima
+        positions = widths * 2 * 2 * ctx * 8  # one block's per-position sums and sums of squares, both hooks
         largest, tokens = max(m.n_neurons for m in inputs.models), batch_tokens(inputs)
         hist = (config.bins + 2) * largest * 8  # torch.bincount's counts of one hook, before they are added
         write = max(weights_bytes(m) + len(ACTIVATION_STAT_COLUMNS) * m.n_neurons * 8 for m in inputs.models)
         write += 4 * largest * 8 + 2 * ctx * WRITE_CHUNK_ROWS * 8 + WRITE_CHUNK_BYTES  # percentiles; profile chunk
         return StageMemory(
-            state=shared + n_all * per_neuron + block * 12,
+            state=shared + n_all * per_neuron + block * 12 + positions,
             update=max(chunk_bytes(tokens, largest, 12), chunk_bytes(tokens, -(-largest // passes), 12))
             + hist
             + selection_bytes(inputs, token_selection(inputs, config), firing=True),
-            finish=3 * block * 8,  # means, their masked copy, the maxima in float64
+            # means, their masked copy, the maxima in float64; or a position block's mean and variance
+            finish=max(3 * block * 8, 3 * max(-(-m.n_neurons // passes) for m in inputs.models) * ctx * 8),
             written=shared + n_all * per_neuron,
             write=write,
         )
@@ -239,12 +244,15 @@ class StatsStage(Stage):
             state[f"{hook}_min"] = torch.full((n,), torch.inf, device=device)
             state[f"{hook}_max"] = torch.full((n,), -torch.inf, device=device)
             state[f"{hook}_hist"] = torch.zeros(n * (bins + 2), dtype=torch.int64, device=device)
-            state[f"{hook}_position_sum"] = torch.zeros(self.ctx, n, dtype=torch.float64, device=device)
-            state[f"{hook}_position_sq"] = torch.zeros(self.ctx, n, dtype=torch.float64, device=device)
+            # closed from each pass's block of sums (`finish_pass`): float32, as written
+            state[f"{hook}_position_mean"] = torch.full((self.ctx, n), torch.nan)
+            state[f"{hook}_position_std"] = torch.full((self.ctx, n), torch.nan)
         return state
 
     def _empty_block(self) -> dict[str, dict[str, torch.Tensor]]:
-        """This pass's token tables: per model, sums (float64) and maxima over its block of neurons."""
+        """This pass's block of neurons: per model, its token tables' sums (float64) and maxima, and both hooks'
+        per-position sums and sums of squares (float64; [ctx, neurons], 4 KB a neuron at ctx 256: held for every
+        neuron at once they were most of the stage's memory at GPT-2 shapes, issue 11)."""
         block: dict[str, dict[str, torch.Tensor]] = {}
         for name, blocks in self.blocks.items():
             width = len(range(*blocks[self.pass_index].indices(self.shapes[name])))
@@ -252,6 +260,9 @@ class StatsStage(Stage):
                 "sum": torch.zeros(len(self.tracked), width, dtype=torch.float64, device=self.device),
                 "max": torch.full((len(self.tracked), width), -torch.inf, device=self.device),
             }
+            for hook, _ in HOOKS:
+                for key in ("position_sum", "position_sq"):
+                    block[name][f"{hook}_{key}"] = torch.zeros(self.ctx, width, dtype=torch.float64, device=self.device)
         return block
 
     def update(self, batch: ActivationBatch) -> None:
@@ -263,8 +274,14 @@ class StatsStage(Stage):
         all_tracked = bool(tracked.all())
         if self.pass_index == 0:
             self._update_statistics(batch, slots, tracked)
+        positions = batch.counted_positions
         for name, block in self.token_block.items():
             columns = self.blocks[name][self.pass_index]
+            for hook, kind in HOOKS:
+                for rows, x in batch.counted_chunks(name, kind, itemsize=12, columns=columns):
+                    x64 = x.double()
+                    block[f"{hook}_position_sum"].index_add_(0, positions[rows], x64)
+                    block[f"{hook}_position_sq"].index_add_(0, positions[rows], x64.mul_(x64))
             for rows, x in batch.counted_chunks(name, "hook_post", columns=columns):
                 slot = slots[rows] if all_tracked else slots[rows][tracked[rows]]
                 x = x if all_tracked else x[tracked[rows]]
@@ -281,20 +298,17 @@ class StatsStage(Stage):
             for hook, kind in HOOKS:
                 state[f"{hook}_moments"].update(batch.n_counted, batch.power_sums(name, kind))
                 low, high = self.config.pre_range if hook == "pre" else self.config.post_range
-                for rows, x in batch.counted_chunks(name, kind, itemsize=12):  # x: [chunk, n_neurons]
+                for _rows, x in batch.counted_chunks(name, kind, itemsize=12):  # x: [chunk, n_neurons]
                     state[f"{hook}_min"] = torch.minimum(state[f"{hook}_min"], x.amin(0))
                     state[f"{hook}_max"] = torch.maximum(state[f"{hook}_max"], x.amax(0))
                     histogram_update(state[f"{hook}_hist"], x, low, high, self.config.bins)
                     if hook == "pre":  # the paper's sparsity, counted exactly (not from the binned histogram)
                         state["frequency_paper"] += (x > paper_edge).sum(0)
-                    x64 = x.double()
-                    state[f"{hook}_position_sum"].index_add_(0, positions[rows], x64)
-                    state[f"{hook}_position_sq"].index_add_(0, positions[rows], x64.mul_(x64))
             state["frequency"] += batch.firing_by_position(name).sum(0)
 
     def reduce(self, group: Distributed) -> None:
-        """Combine the ranks' state: in pass 0 every statistic (counts, power sums, histograms and position sums
-        added, minima and maxima taken); in every pass this pass's block of token sums and maxima."""
+        """Combine the ranks' state: in pass 0 every statistic (counts, power sums and histograms added, minima and
+        maxima taken); in every pass this pass's block of token sums and maxima and of position sums."""
         if self.pass_index == 0:
             for counts in self.shared.values():
                 group.all_reduce(counts)
@@ -305,17 +319,28 @@ class StatsStage(Stage):
                     state[f"{hook}_moments"].reduce(group)
                     group.all_reduce(state[f"{hook}_min"], "min")
                     group.all_reduce(state[f"{hook}_max"], "max")
-                    for key in ("hist", "position_sum", "position_sq"):
-                        group.all_reduce(state[f"{hook}_{key}"])
+                    group.all_reduce(state[f"{hook}_hist"])
         for block in self.token_block.values():
             group.all_reduce(block["sum"])
             group.all_reduce(block["max"], "max")
+            for hook, _ in HOOKS:
+                group.all_reduce(block[f"{hook}_position_sum"])
+                group.all_reduce(block[f"{hook}_position_sq"])
 
     def finish_pass(self) -> None:
-        """Close this pass's block of token tables into the top tokens of its neurons; the next block follows."""
+        """Close this pass's block of neurons: its token tables into their top tokens, its position sums into
+        means and standard deviations (every row has been counted by now: pass 0 counts the positions); the next
+        block follows."""
         count = self.shared["token_count"]
+        position_count = self.shared["position_count"].double().unsqueeze(1)
         for name, block in self.token_block.items():
             columns, state = self.blocks[name][self.pass_index], self.state[name]
+            for hook, _ in HOOKS:
+                mean = block.pop(f"{hook}_position_sum") / position_count  # 0/0 = NaN where nothing was counted
+                variance = block.pop(f"{hook}_position_sq") / position_count - mean**2
+                state[f"{hook}_position_mean"][:, columns] = mean.float().cpu()
+                state[f"{hook}_position_std"][:, columns] = variance.clamp_min_(0).sqrt_().float().cpu()
+                del mean, variance
             means = (block["sum"] / count.unsqueeze(1).double()).masked_fill_(
                 (count < self.config.token_min_count).unsqueeze(1), -torch.inf
             )
@@ -370,12 +395,10 @@ class StatsStage(Stage):
         return columns
 
     def position_profile(self, name: str, hook: str, neurons: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and standard deviation [ctx, neurons] (float32; NaN where a position has no counted token)."""
+        """Mean and standard deviation [ctx, neurons] (float32; NaN where a position has no counted token), of
+        the neurons whose pass has closed."""
         state = self.state[name]
-        count = self.shared["position_count"].double().unsqueeze(1)
-        mean = (state[f"{hook}_position_sum"][:, neurons] / count).cpu()  # 0/0 = NaN where nothing was counted
-        var = (state[f"{hook}_position_sq"][:, neurons] / count).cpu() - mean**2
-        return mean.float().cpu().numpy(), var.clamp_min(0).sqrt().float().cpu().numpy()
+        return state[f"{hook}_position_mean"][:, neurons].numpy(), state[f"{hook}_position_std"][:, neurons].numpy()
 
     def token_columns(self, name: str, model_id: int, d_mlp: int) -> list[dict[str, Any]]:
         """The mean- and max-activation token tables (hook_post), best first, with each token's count."""
