@@ -397,8 +397,9 @@ class StatsStage(Stage):
     def position_profile(self, name: str, hook: str, neurons: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation [ctx, neurons] (float32; NaN where a position has no counted token), of
         the neurons whose pass has closed."""
-        state = self.state[name]
-        return state[f"{hook}_position_mean"][:, neurons].numpy(), state[f"{hook}_position_std"][:, neurons].numpy()
+        state = self.state[name]  # .cpu(): a resumed CUDA run's checkpoint puts every tensor on the GPU
+        mean, std = state[f"{hook}_position_mean"][:, neurons], state[f"{hook}_position_std"][:, neurons]
+        return mean.cpu().numpy(), std.cpu().numpy()
 
     def token_columns(self, name: str, model_id: int, d_mlp: int) -> list[dict[str, Any]]:
         """The mean- and max-activation token tables (hook_post), best first, with each token's count."""
