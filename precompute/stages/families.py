@@ -155,9 +155,12 @@ def position_mutual_information(fire: np.ndarray, count: np.ndarray) -> np.ndarr
     >>> round(float(position_mutual_information(np.array([[10.0], [0.0]]), np.array([10, 10]))[0]), 4)  # log 2
     0.6931
     """
-    count = count.astype(np.float64)[:, None]
+    counted = count > 0  # positions without a counted token (BOS's, always) have no weight: left out, since
+    # their rate 0 against a neuron firing on every token would give 0 × log(1/0) = NaN instead of nothing
+    count = count[counted].astype(np.float64)[:, None]
+    fire = np.asarray(fire)[counted]
     total = count.sum()
-    r_p = np.divide(fire, count, out=np.zeros_like(fire, dtype=np.float64), where=count > 0)
+    r_p = fire / count
     r = fire.sum(0) / max(total, 1)
 
     def term(p: np.ndarray, q: np.ndarray) -> np.ndarray:

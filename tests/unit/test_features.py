@@ -443,3 +443,14 @@ def test_position_mutual_information_by_hand_with_empty_and_single_token_positio
                 mi += count[p] / total * (a * math.log(a / b) if a > 0 else 0.0)
         expected.append(mi)
     np.testing.assert_allclose(position_mutual_information(fire, count), expected, rtol=1e-12)
+
+
+def test_position_mutual_information_of_a_neuron_firing_on_every_counted_token_is_zero():
+    """A neuron that fires on every counted token carries no information about the position (a constant has zero
+    mutual information with anything), also when a position has no counted token (position 0, BOS, never has one
+    in a default run): it was NaN there (0 × log(1/0) from the empty position)."""
+    count = np.array([0, 3, 5, 2])
+    fire = np.array([[0.0, 0.0], [3.0, 1.0], [5.0, 0.0], [2.0, 2.0]])  # neuron 0 always fires where counted
+    values = position_mutual_information(fire, count)
+    assert values[0] == 0.0
+    assert np.isfinite(values[1]) and values[1] > 0
