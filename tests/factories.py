@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from precompute.activations import ActivationBatch
 from precompute.published import paper_table
 from precompute.stdlib_corpus import stdlib_documents
 from precompute.training.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
@@ -192,3 +194,22 @@ def write_perturbed_table(folder: Path, seed: int = 0) -> Perturbed:
         original={k: float(r["excess_corr"]) for k, r in zip(key, rows, strict=True)},
         perturbed={(int(r["layer"]), int(r["neuron"])): float(r["excess_corr"]) for r in out},
     )
+
+
+def make_batches(acts: dict[str, np.ndarray], counted: np.ndarray, splits: list[int]) -> list[ActivationBatch]:
+    """Cut [rows, pos, layers, d] activations into batches at the given row boundaries."""
+    batches = []
+    bounds = [0, *splits, counted.shape[0]]
+    for start, stop in itertools.pairwise(bounds):
+        if stop <= start:
+            continue
+        batches.append(
+            ActivationBatch(
+                row_start=start,
+                tokens=torch.zeros(stop - start, counted.shape[1], dtype=torch.int64),
+                counted=torch.from_numpy(counted[start:stop]),
+                hook_post={name: torch.from_numpy(a[start:stop]) for name, a in acts.items()},
+                hook_pre={},
+            )
+        )
+    return batches

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from precompute.activations import ActivationBatch
 from precompute.correlation import (
     CUDA_OPERAND_CHUNK_BYTES,
     FP8_MAX,
@@ -25,25 +22,7 @@ from precompute.correlation import (
     rotation_matrix,
 )
 from precompute.memory import CHUNK_BYTES
-
-
-def make_batches(acts: dict[str, np.ndarray], counted: np.ndarray, splits: list[int]) -> list[ActivationBatch]:
-    """Cut [rows, pos, layers, d] activations into batches at the given row boundaries."""
-    batches = []
-    bounds = [0, *splits, counted.shape[0]]
-    for start, stop in itertools.pairwise(bounds):
-        if stop <= start:
-            continue
-        batches.append(
-            ActivationBatch(
-                row_start=start,
-                tokens=torch.zeros(stop - start, counted.shape[1], dtype=torch.int64),
-                counted=torch.from_numpy(counted[start:stop]),
-                hook_post={name: torch.from_numpy(a[start:stop]) for name, a in acts.items()},
-                hook_pre={},
-            )
-        )
-    return batches
+from tests.factories import make_batches
 
 
 def run_engine(shapes, acts, counted, splits, **config) -> CorrelationEngine:

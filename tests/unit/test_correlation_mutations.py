@@ -1,0 +1,354 @@
+"""The correlation engine's closing (correlations, rotated baseline, moments) against independent NumPy oracles.
+
+Written for mutation round 6 (docs/testing.md): `CorrelationEngine._finish_tile`, `_rotated_spreads`, `_add_sums`,
+`_update_grams`, `_finish_block`, `rotation_matrix` and `plan_passes` (blocks and passes worked out by hand). The
+oracles do not use the engine's formulas: Pearson correlations are computed in float64 on the concatenated counted
+tokens, each rotation is built in NumPy from the seeded Gaussian draw (row-normalised, or NumPy's QR with the sign
+fix for Haar) and applied to the activations themselves, so the baseline is the best Pearson correlation with the
+rotated units x_l @ R_lᵀ (paper-spec §2.3-2.4). The activations are built by hand: planted twins (a neuron that is
+an affine map of a neuron of another model, a different twin for each of three models), an anti-twin, dead
+(constant) neurons, neurons that are exactly one rotated unit of another model's layer, and a layer with a tiny
+spread, on models whose layer counts and widths all differ.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from precompute.correlation import (
+    CorrelationConfig,
+    CorrelationEngine,
+    CorrelationError,
+    ModelShape,
+    layer_rotation_seed,
+    plan_passes,
+    rotation_matrix,
+)
+from tests.factories import make_batches
+
+SHAPES = [ModelShape("a", 2, 5), ModelShape("b", 3, 4), ModelShape("c", 2, 3)]
+ROWS, POS = 9, 16
+SEED = 11
+
+# Budgets in bytes of float64 accumulator entries: one pass; blocks of whole layers of a (a layer of a against all
+# of b is 5 * 12 * 8 = 480 bytes); single [d_a, d_b] tiles (the largest is 5 * 4 * 8 = 160 bytes).
+BUDGETS = {"one": None, "layers": 480 / 2**30, "tiles": 160 / 2**30}
+
+
+def gaussian_draw(d: int, seed: int) -> np.ndarray:
+    """The seeded N(0, 1) draw every rotation starts from (torch's generator: the run's documented seeding)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(d, d, generator=generator, dtype=torch.float64).numpy()
+
+
+def numpy_rotation(d: int, kind: str, seed: int) -> np.ndarray:
+    """The rotation built in NumPy: rows normalised to unit length, or the Haar Q of a QR with R's diagonal > 0."""
+    draw = gaussian_draw(d, seed)
+    if kind == "gaussian":
+        return draw / np.sqrt((draw**2).sum(axis=1, keepdims=True))
+    q, r = np.linalg.qr(draw)
+    return q * np.sign(np.diag(r))[None, :]
+
+
+def layer_rotation(shape: ModelShape, layer: int, kind: str, seed: int) -> np.ndarray:
+    return numpy_rotation(shape.d_mlp, kind, layer_rotation_seed(seed, shape.name, layer))
+
+
+def planted_activations(kind: str, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """[rows, pos, layers, d] float32 activations of models a, b, c with known structure, and the counted mask."""
+    rng = np.random.default_rng(5)
+    acts = {}
+    for shape in SHAPES:
+        pre = rng.standard_normal((ROWS, POS, shape.n_layers, shape.d_mlp))
+        acts[shape.name] = (np.maximum(pre, 0) + 0.1 * pre + 3.0).astype(np.float32)
+    a, b, c = acts["a"], acts["b"], acts["c"]
+
+    def unit(x: np.ndarray, model: int, layer: int, m: int) -> np.ndarray:
+        """Rotated unit m of a model's layer on these activations: (x_l @ R_lᵀ)[m]."""
+        return (x[..., layer, :].astype(np.float64) @ layer_rotation(SHAPES[model], layer, kind, seed).T)[..., m]
+
+    a[..., 1, 2] = 0.7  # dead neurons: constant
+    b[..., 0, 3] = -1.25
+    b[..., 2, :] = b[..., 2, :] * 1e-3 + 0.5  # a layer whose units spread by less than 1 (times the token count)
+    c[..., 0, 2] = 3.0 * a[..., 1, 3] - 1.0  # twins, a different one for every pair of models
+    b[..., 1, 1] = 2.0 * a[..., 0, 4] + 0.5
+    c[..., 1, 1] = 0.5 * b[..., 1, 0] + 2.0
+    c[..., 1, 0] = -4.0 * a[..., 0, 0]  # an anti-twin (correlation -1)
+    # neurons that are exactly one rotated unit of another model's layer (baseline 1 at a known unit); each
+    # after the layer it is made from is final
+    b[..., 1, 3] = 10.0 * unit(c, 2, 0, 1) + 7.0
+    a[..., 1, 4] = 5.0 * unit(b, 1, 1, 2) - 2.0
+    a[..., 1, 0] = unit(c, 2, 1, 2)
+    b[..., 0, 1] = 3.0 * unit(c, 2, 1, 0) + 1.0
+    b[..., 0, 2] = unit(a, 0, 1, 0)
+    a[..., 0, 1] = unit(b, 1, 2, 3)
+    counted = rng.random((ROWS, POS)) > 0.25
+    counted[0, 0] = True
+    return acts, counted
+
+
+def run(acts, counted, splits=(3, 7), **config) -> CorrelationEngine:
+    engine = CorrelationEngine(SHAPES, CorrelationConfig(**config))
+    batches = make_batches(acts, counted, list(splits))
+    while not engine.done:
+        for batch in batches:
+            engine.update(batch)
+        engine.finish_pass()
+    return engine
+
+
+def flat(acts: dict[str, np.ndarray], counted: np.ndarray, shape: ModelShape) -> np.ndarray:
+    return acts[shape.name][counted].reshape(-1, shape.n_neurons).astype(np.float64)
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson correlations of every column of x with every column of y; -inf where either is constant."""
+    xc, yc = x - x.mean(axis=0), y - y.mean(axis=0)
+    sx, sy = np.sqrt((xc**2).sum(axis=0)), np.sqrt((yc**2).sum(axis=0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = (xc.T @ yc) / np.outer(sx, sy)
+    dead_x = sx**2 / len(x) <= 1e-20
+    dead_y = sy**2 / len(y) <= 1e-20
+    corr[dead_x, :] = -np.inf
+    corr[:, dead_y] = -np.inf
+    return corr
+
+
+def rotated_units(acts, counted, shape: ModelShape, kind: str, seed: int) -> np.ndarray:
+    """Every rotated unit of the model, layer by layer: x_l @ R_lᵀ on the counted tokens."""
+    x = acts[shape.name][counted].astype(np.float64)
+    return np.concatenate(
+        [x[:, layer] @ layer_rotation(shape, layer, kind, seed).T for layer in range(shape.n_layers)], axis=1
+    )
+
+
+def check_direction(engine, acts, counted, x: int, y: int, kind: str, seed: int, atol: float) -> None:
+    """Top-k partners and the best rotated unit of every neuron of model x in model y, against NumPy."""
+    sx, sy = SHAPES[x], SHAPES[y]
+    result = engine.results[(x, y)]
+    k = engine.config.top_k
+    corr = pearson(flat(acts, counted, sx), flat(acts, counted, sy))
+    order = np.argsort(-corr, axis=1, kind="stable")[:, :k]
+    expected = np.take_along_axis(corr, order, axis=1)
+    # a partner with fewer than top_k neurons leaves the empty result's -inf at the end
+    pad = k - expected.shape[1]
+    expected = np.pad(expected, ((0, 0), (0, pad)), constant_values=-np.inf)
+    order = np.pad(order, ((0, 0), (0, pad)), constant_values=-1)
+    top = result.top_corr.numpy()
+    np.testing.assert_allclose(top, expected, atol=atol, rtol=0)
+    finite = np.isfinite(expected)
+    np.testing.assert_array_equal(result.top_index.numpy()[finite], order[finite])
+    base = pearson(flat(acts, counted, sx), rotated_units(acts, counted, sy, kind, seed))
+    np.testing.assert_allclose(result.baseline_corr.numpy(), base.max(axis=1), atol=atol, rtol=0)
+    live = np.isfinite(base.max(axis=1))
+    np.testing.assert_array_equal(result.baseline_index.numpy()[live], base.argmax(axis=1)[live])
+    # correlations are clamped to [-1, 1]: a twin's 1 (or an anti-twin's -1) never comes out beyond it
+    assert (top[np.isfinite(top)] <= 1).all() and (top[np.isfinite(top)] >= -1).all()
+    baseline = result.baseline_corr.numpy()
+    assert (baseline[np.isfinite(baseline)] <= 1).all() and (baseline[np.isfinite(baseline)] >= -1).all()
+
+
+@pytest.mark.parametrize("budget", list(BUDGETS), ids=list(BUDGETS))
+@pytest.mark.parametrize("kind", ["gaussian", "haar"])
+@pytest.mark.parametrize(("precision", "atol"), [("float64", 2e-8), ("float32", 2e-6)])
+def test_every_direction_matches_numpy_with_an_explicit_rotation(budget, kind, precision, atol):
+    seed = SEED + (kind == "haar")
+    acts, counted = planted_activations(kind, seed)
+    top_k = max(s.n_neurons for s in SHAPES)  # every partner comes back, sorted: the whole correlation matrix
+    engine = run(
+        acts,
+        counted,
+        baseline=kind,
+        baseline_seed=seed,
+        precision=precision,
+        top_k=top_k,
+        memory_budget_gb=BUDGETS[budget],
+    )
+    for x, y in itertools.permutations(range(len(SHAPES)), 2):
+        check_direction(engine, acts, counted, x, y, kind, seed, atol)
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 4, 5])
+def test_top_k_between_the_layer_widths_keeps_every_layers_candidates(top_k):
+    """top_k below, equal to and above the widths 3, 4 and 5: each tile offers min(top_k, width) candidates."""
+    acts, counted = planted_activations("gaussian", SEED)
+    engine = run(acts, counted, baseline_seed=SEED, precision="float64", top_k=top_k, memory_budget_gb=BUDGETS["tiles"])
+    for x, y in itertools.permutations(range(len(SHAPES)), 2):
+        check_direction(engine, acts, counted, x, y, "gaussian", SEED, 2e-8)
+
+
+def test_planted_twins_baselines_and_dead_neurons_by_hand():
+    """What the construction puts there, read off directly (no oracle): twins at 1, the anti-twin at -1, the
+    planted rotated units at 1 with their flat index, dead neurons matched with nothing."""
+    acts, counted = planted_activations("gaussian", SEED)
+    engine = run(acts, counted, baseline_seed=SEED, precision="float64", top_k=2)
+    r = engine.results
+    # twin a L0.4 <-> b L1.1 (flat 4 + 1 = 5 in b, 4 in a)
+    assert r[(0, 1)].top_corr[4, 0].item() == pytest.approx(1, abs=1e-9) and r[(0, 1)].top_index[4, 0] == 5
+    assert r[(1, 0)].top_corr[5, 0].item() == pytest.approx(1, abs=1e-9) and r[(1, 0)].top_index[5, 0] == 4
+    # twin a L1.3 <-> c L0.2 (a flat 8, c flat 2); b L1.0 <-> c L1.1 (b flat 4, c flat 4)
+    assert r[(0, 2)].top_index[8, 0] == 2 and r[(2, 0)].top_index[2, 0] == 8
+    assert r[(1, 2)].top_index[4, 0] == 4 and r[(2, 1)].top_index[4, 0] == 4
+    # the anti-twin: c L1.0 (flat 3) has -1 with a L0.0 (flat 0), which is therefore among neither's top matches
+    assert not (r[(2, 0)].top_index[3] == 0).any() and not (r[(0, 2)].top_index[0] == 3).any()
+    # planted rotated units: (model, neuron) -> (partner, its flat rotated unit)
+    planted = {
+        (0, 1): (1, 11),  # a L0.1: unit 3 of b's layer 2
+        (0, 9): (1, 6),  # a L1.4: unit 2 of b's layer 1
+        (0, 5): (2, 5),  # a L1.0: unit 2 of c's layer 1
+        (1, 2): (0, 5),  # b L0.2: unit 0 of a's layer 1
+        (1, 7): (2, 1),  # b L1.3: unit 1 of c's layer 0
+        (1, 1): (2, 3),  # b L0.1: unit 0 of c's layer 1
+    }
+    for (x, neuron), (y, rotated) in planted.items():
+        assert r[(x, y)].baseline_corr[neuron].item() == pytest.approx(1, abs=1e-9)
+        assert r[(x, y)].baseline_index[neuron] == rotated
+    # dead: a L1.2 (flat 7), b L0.3 (flat 3)
+    for key, row in (((0, 1), 7), ((0, 2), 7), ((1, 0), 3), ((1, 2), 3)):
+        assert torch.isneginf(r[key].top_corr[row]).all() and torch.isneginf(r[key].baseline_corr[row])
+    for key, dead in (((1, 0), 7), ((2, 0), 7), ((0, 1), 3), ((2, 1), 3)):
+        finite = torch.isfinite(r[key].top_corr)
+        assert not (r[key].top_index[finite] == dead).any()
+    assert engine.dead_neurons(0).nonzero().flatten().tolist() == [7]
+    assert engine.dead_neurons(1).nonzero().flatten().tolist() == [3]
+    assert not engine.dead_neurons(2).any()
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("budget", list(BUDGETS), ids=list(BUDGETS))
+def test_moments_and_spreads_match_numpy(precision, budget):
+    """Counts, shifted sums, sums of squares and the rotated units' spreads (times sqrt(n)), after the run; the
+    Gram matrices are freed as soon as their spreads are known, and squares stay NaN until then."""
+    acts, counted = planted_activations("gaussian", SEED)
+    engine = CorrelationEngine(
+        SHAPES, CorrelationConfig(baseline_seed=SEED, precision=precision, memory_budget_gb=BUDGETS[budget])
+    )
+    batches = make_batches(acts, counted, [3, 7])
+    seen: set[tuple[int, int]] = set()
+    while not engine.done:
+        for batch in batches:
+            engine.update(batch)
+        for index, moments in enumerate(engine.moments):
+            assert moments.squares is not None
+            d = SHAPES[index].d_mlp
+            for layer in range(SHAPES[index].n_layers):
+                gathered = (index, layer) in seen
+                assert (layer in moments.gram) == (engine.gram_passes[(index, layer)] == engine.pass_index)
+                assert bool(moments.squares[layer * d : (layer + 1) * d].isnan().all()) != gathered
+        engine.finish_pass()
+        assert all(not moments.gram for moments in engine.moments)
+        seen = set(engine.rotated_std)
+    atol = 1e-5 if precision == "float64" else 1e-3  # the shifted values are float32 (`update`)
+    n = int(counted.sum())
+    for index, shape in enumerate(SHAPES):
+        x = flat(acts, counted, shape)
+        moments = engine.moments[index]
+        assert moments.count == n
+        assert moments.total is not None and moments.squares is not None and moments.shift is not None
+        assert moments.total.dtype == moments.squares.dtype == torch.float64
+        shift = moments.shift.double().numpy()
+        np.testing.assert_allclose(moments.total.numpy(), (x - shift).sum(axis=0), atol=atol, rtol=0)
+        np.testing.assert_allclose(moments.squares.numpy(), ((x - shift) ** 2).sum(axis=0), atol=atol, rtol=1e-6)
+        for layer in range(shape.n_layers):
+            rotation = layer_rotation(shape, layer, "gaussian", SEED)
+            units = x[:, layer * shape.d_mlp : (layer + 1) * shape.d_mlp] @ rotation.T
+            spread = np.sqrt(((units - units.mean(axis=0)) ** 2).sum(axis=0))
+            std = engine.rotated_std[(index, layer)]
+            assert std.dtype == torch.float64  # the memory plan's 8 bytes a neuron (`CorrelationPlan.memory`)
+            np.testing.assert_allclose(std.numpy(), spread, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("d", [1, 3, 6])
+@pytest.mark.parametrize("kind", ["gaussian", "haar"])
+def test_rotation_matrix_is_the_numpy_construction(d, kind):
+    """The same seeded draw, made into a rotation in NumPy: float64 on the CPU, row m mixing neurons into unit m."""
+    rotation = rotation_matrix(d, kind, seed=1234)
+    assert rotation.dtype == torch.float64 and rotation.device.type == "cpu"
+    np.testing.assert_allclose(rotation.numpy(), numpy_rotation(d, kind, 1234), atol=1e-12, rtol=0)
+    assert not np.allclose(rotation_matrix(d, kind, seed=1235).numpy(), rotation.numpy())
+    np.testing.assert_array_equal(rotation_matrix(d, kind, seed=1234).numpy(), rotation.numpy())
+    if kind == "haar":
+        np.testing.assert_allclose(rotation.numpy() @ rotation.numpy().T, np.eye(d), atol=1e-12)
+        # the sign fix scales Q's columns (not its rows): Qᵀ·draw is upper triangular with a positive diagonal
+        upper = rotation.numpy().T @ gaussian_draw(d, 1234)
+        np.testing.assert_allclose(np.tril(upper, -1), 0, atol=1e-12)
+        assert (np.diag(upper) > 0).all()
+    else:
+        np.testing.assert_allclose(np.linalg.norm(rotation.numpy(), axis=1), np.ones(d), atol=1e-12)
+
+
+# --- plan_passes: blocks and passes worked out by hand -------------------------------------------------------
+
+# 2 bytes an entry: a (3 layers of 2) against b (4 layers of 3) is a 12-byte tile and a 48-byte layer of a; against
+# c (2 layers of 1) a 4-byte tile and an 8-byte layer (24 bytes for all of a).
+PLAN_SHAPES = [ModelShape("a", 3, 2), ModelShape("b", 4, 3), ModelShape("c", 2, 1)]
+
+
+def blocks_of(passes):
+    return [[block.key() for block in p] for p in passes]
+
+
+@pytest.mark.parametrize(
+    ("pairs", "budget", "expected"),
+    [
+        # a layer of a against all of b fits exactly: one layer a block, one block a pass
+        ([(0, 1)], 48, [[(0, 1, 0, 1, 0, None)], [(0, 1, 1, 2, 0, None)], [(0, 1, 2, 3, 0, None)]]),
+        ([(0, 1)], 96, [[(0, 1, 0, 2, 0, None)], [(0, 1, 2, 3, 0, None)]]),
+        ([(0, 1)], 144, [[(0, 1, 0, 3, 0, None)]]),
+        ([(0, 1)], 10**9, [[(0, 1, 0, 3, 0, None)]]),
+        # a's layers one at a time, then all of a against c fills the last pass exactly (48 + 24 = 72)
+        (
+            [(0, 1), (0, 2)],
+            72,
+            [[(0, 1, 0, 1, 0, None)], [(0, 1, 1, 2, 0, None)], [(0, 1, 2, 3, 0, None), (0, 2, 0, 3, 0, None)]],
+        ),
+        # 36 < 48: a layer of a against groups of 3 of b's layers (36 bytes) and the last one (12 bytes); the
+        # a-c block (24 bytes) joins the last group (12 + 24 = 36)
+        (
+            [(0, 1), (0, 2)],
+            36,
+            [
+                [(0, 1, 0, 1, 0, 3)],
+                [(0, 1, 0, 1, 3, 4)],
+                [(0, 1, 1, 2, 0, 3)],
+                [(0, 1, 1, 2, 3, 4)],
+                [(0, 1, 2, 3, 0, 3)],
+                [(0, 1, 2, 3, 3, 4), (0, 2, 0, 3, 0, None)],
+            ],
+        ),
+        # exactly one tile: every tile its own block and pass
+        ([(0, 1)], 12, [[(0, 1, layer, layer + 1, s, s + 1)] for layer in range(3) for s in range(4)]),
+    ],
+)
+def test_plan_passes_by_hand(pairs, budget, expected):
+    assert blocks_of(plan_passes(PLAN_SHAPES, pairs, budget, bytes_per_entry=2)) == expected
+
+
+def test_plan_passes_packs_several_blocks_into_a_pass():
+    shapes = [ModelShape("x", 1, 2), ModelShape("y", 1, 2), ModelShape("z", 1, 2)]  # every block 8 bytes
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    assert blocks_of(plan_passes(shapes, pairs, 16, 2)) == [
+        [(0, 1, 0, 1, 0, None), (0, 2, 0, 1, 0, None)],
+        [(1, 2, 0, 1, 0, None)],
+    ]
+    assert blocks_of(plan_passes(shapes, pairs, 24, 2)) == [
+        [(0, 1, 0, 1, 0, None), (0, 2, 0, 1, 0, None), (1, 2, 0, 1, 0, None)]
+    ]
+    # one-byte tiles under a one-byte budget
+    ones = [ModelShape("p", 2, 1), ModelShape("q", 2, 1)]
+    assert blocks_of(plan_passes(ones, [(0, 1)], 1, 1)) == [
+        [(0, 1, layer, layer + 1, s, s + 1)] for layer in range(2) for s in range(2)
+    ]
+
+
+def test_plan_passes_refuses_a_budget_below_one_tile_with_its_size():
+    with pytest.raises(CorrelationError, match=r"one layer of a against one layer of b needs 0\.00 GiB"):
+        plan_passes(PLAN_SHAPES, [(0, 1)], 11, 2)
+    big = [ModelShape("big", 1, 2**14), ModelShape("other", 1, 2**14)]  # a 2**29-byte tile: half a GiB
+    with pytest.raises(CorrelationError, match=r"big against one layer of other needs 0\.50 GiB; raise"):
+        plan_passes(big, [(0, 1)], 2**29 - 1, 2)
+    assert blocks_of(plan_passes(big, [(0, 1)], 2**29, 2)) == [[(0, 1, 0, 1, 0, None)]]
