@@ -222,6 +222,21 @@ from precompute.memory import Split
 # the split of ATLAS_TEST_SPLIT (stage -> passes), as a budget too small for one pass would ask
 split = Split(json.loads(os.environ["ATLAS_TEST_SPLIT"]))
 pipeline.fit_split = lambda price, *_: price(split)
+# ATLAS_TEST_DELAY: seconds each correlation update waits, so that a pass lasts long enough for a test to see
+# its checkpoints (a tiny model's pass took under a second, and a poll could miss it)
+delay = float(os.environ.get("ATLAS_TEST_DELAY", "0"))
+if delay:
+    import time
+
+    from precompute.stages.correlations import CorrelationStage
+
+    update = CorrelationStage.update
+
+    def slowed(self, batch):
+        time.sleep(delay)
+        update(self, batch)
+
+    CorrelationStage.update = slowed
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -289,6 +304,7 @@ def test_killed_run_resumes_in_its_own_passes(tiny_family, tmp_path, monkeypatch
     script = tmp_path / "split.py"
     script.write_text(PASSES_SCRIPT)
     monkeypatch.setenv("ATLAS_TEST_SPLIT", json.dumps(split))
+    monkeypatch.setenv("ATLAS_TEST_DELAY", "0.25")  # every pass lasts seconds: the kill lands inside pass 2
     command = torchrun(*args, "--db", str(db), "--checkpoint-seconds", "0", script=script)
     folder = tmp_path / "two.db.checkpoints"
     files = [folder / "run-1.pt", folder / "run-1.rank-1.pt"]
@@ -312,9 +328,11 @@ def test_killed_run_resumes_in_its_own_passes(tiny_family, tmp_path, monkeypatch
         if state and state["stages"]["correlations"]["round"] == 1 and state["rows_done"] > 0:
             break
         time.sleep(0.1)
+    assert process.poll() is None, "the run ended before a checkpoint inside rank 0's second pass was seen"
     ranks = descendants(process.pid)
     for pid in [process.pid, *ranks]:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # a worker may exit between the listing and the signal
+            os.kill(pid, signal.SIGKILL)
     process.wait()
     wait_gone(ranks)
     states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
