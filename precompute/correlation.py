@@ -148,6 +148,21 @@ class LayerBlock:
         stop = shapes[self.b].n_layers if self.b_layer_stop is None else self.b_layer_stop
         return range(self.b_layer_start, stop)
 
+    def rows(self, shapes: Sequence[ModelShape]) -> slice:
+        """The block's neurons of model a (flat indices): its accumulator's rows."""
+        d_a = shapes[self.a].d_mlp
+        return slice(self.layer_start * d_a, self.layer_stop * d_a)
+
+    def columns(self, shapes: Sequence[ModelShape]) -> slice:
+        """The block's neurons of model b (flat indices): its accumulator's columns."""
+        layers, d_b = self.b_layers(shapes), shapes[self.b].d_mlp
+        return slice(layers.start * d_b, layers.stop * d_b)
+
+    def size(self, shapes: Sequence[ModelShape]) -> tuple[int, int]:
+        """The accumulator's [rows, columns]."""
+        rows, columns = self.rows(shapes), self.columns(shapes)
+        return rows.stop - rows.start, columns.stop - columns.start
+
     def key(self) -> tuple[int, int, int, int, int, int | None]:
         """The block as a plain tuple (checkpoints); `LayerBlock(*key)` makes it again."""
         return (self.a, self.b, self.layer_start, self.layer_stop, self.b_layer_start, self.b_layer_stop)
@@ -155,12 +170,8 @@ class LayerBlock:
 
 def block_entries(shapes: Sequence[ModelShape], block: LayerBlock) -> int:
     """How many numbers a block's accumulator holds: its rows of model a times its columns of model b."""
-    return (
-        (block.layer_stop - block.layer_start)
-        * shapes[block.a].d_mlp
-        * len(block.b_layers(shapes))
-        * shapes[block.b].d_mlp
-    )
+    rows, columns = block.size(shapes)
+    return rows * columns
 
 
 @dataclass
@@ -503,15 +514,7 @@ class CorrelationPlan:
         update = chunk_bytes(batch_tokens + 15, n_all, _operand_bytes(self.precision), self.operand_chunk)
         if self.precision != "float64":  # products in float32 reach the accumulators a block at a time
             update += max(
-                (
-                    chunk_bytes(
-                        (b.layer_stop - b.layer_start) * self.shapes[b.a].d_mlp,
-                        len(b.b_layers(self.shapes)) * self.shapes[b.b].d_mlp,
-                        4,
-                    )
-                    for p in self.passes
-                    for b in p
-                ),
+                (chunk_bytes(*b.size(self.shapes), itemsize=4) for p in self.passes for b in p),
                 default=0,
             )
         square = max((s.d_mlp * s.d_mlp * 8 for s in self.shapes), default=0)  # float64
@@ -653,9 +656,9 @@ class CorrelationEngine:
         if self.done:
             return
         for block in self.passes[self.pass_index]:
-            rows = (block.layer_stop - block.layer_start) * self.shapes[block.a].d_mlp
-            columns = len(block.b_layers(self.shapes)) * self.shapes[block.b].d_mlp
-            self.accumulators[block] = torch.zeros(rows, columns, dtype=self.accumulator_dtype, device=self.device)
+            self.accumulators[block] = torch.zeros(
+                block.size(self.shapes), dtype=self.accumulator_dtype, device=self.device
+            )
 
     def _operand(self, x: torch.Tensor) -> torch.Tensor | ScaledOperand:
         """A chunk's shifted float32 activations [tokens, n] in the engine's precision (may reuse ``x``); float64
@@ -737,11 +740,8 @@ class CorrelationEngine:
             for index, shape in enumerate(self.shapes):
                 self._update_grams(index, shape, operands[index])
             for block, accumulator in self.accumulators.items():
-                d_a, d_b, layers_b = self.shapes[block.a].d_mlp, self.shapes[block.b].d_mlp, block.b_layers(self.shapes)
-                left = self._columns(operands[block.a], slice(block.layer_start * d_a, block.layer_stop * d_a))
-                right = operands[block.b]
-                if len(layers_b) < self.shapes[block.b].n_layers:
-                    right = self._columns(right, slice(layers_b.start * d_b, layers_b.stop * d_b))
+                left = self._columns(operands[block.a], block.rows(self.shapes))
+                right = self._columns(operands[block.b], block.columns(self.shapes))
                 self._products(left, right, accumulator)
 
     def _set_pilot(self, batch: ActivationBatch) -> None:
