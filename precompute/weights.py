@@ -65,7 +65,7 @@ class WeightError(ValueError):
 
 @dataclass
 class NeuronWeights:
-    """The processed weights the per-neuron statistics need (float32, CPU)."""
+    """The processed weights the per-neuron statistics need (float32; on the CPU unless asked for elsewhere)."""
 
     W_in: torch.Tensor  # [n_layers, d_model, d_mlp]
     b_in: torch.Tensor  # [n_layers, d_mlp]
@@ -114,8 +114,8 @@ class VocabProjection:
     embed_top_values: np.ndarray  # [n_layers, d_mlp, top_k] float32
 
 
-def processed_weights(model: LoadedModel) -> NeuronWeights:
-    """The processed weights of a `LoadedModel` (its bridge after ``enable_compatibility_mode``).
+def processed_weights(model: LoadedModel, device: torch.device | str = "cpu") -> NeuronWeights:
+    """The processed weights of a `LoadedModel` (its bridge after ``enable_compatibility_mode``), on ``device``.
 
     W_U and W_E are trimmed to the tokenizer's real vocabulary when the model pads its embedding (Pythia:
     50,304 rows for 50,277 tokens), so padding rows never enter vocabulary moments or top-token lists.
@@ -123,9 +123,9 @@ def processed_weights(model: LoadedModel) -> NeuronWeights:
     bridge = model.bridge
 
     def grab(name: str) -> torch.Tensor:
-        # No copy where the bridge already gives a float32 CPU tensor: W_U and W_E are its parameters (nothing here
-        # writes to them), W_in and W_out are stacked afresh on every access.
-        return getattr(bridge, name).detach().to(device="cpu", dtype=torch.float32)
+        # No copy where the bridge already gives a float32 tensor on ``device``: W_U and W_E are its parameters
+        # (nothing here writes to them), W_in and W_out are stacked afresh on every access.
+        return getattr(bridge, name).detach().to(device=device, dtype=torch.float32)
 
     W_U, W_E = grab("W_U"), grab("W_E")
     n_real = min(int(W_U.shape[1]), len(model.tokenizer))
@@ -271,21 +271,25 @@ def weight_tables(
 
     W_U·w_out, the largest product here (50,257 tokens × 36,864 neurons for GPT2-small), is made once per chunk:
     its top and bottom tokens are the projection, and divided by the norms it is the vocabulary cosines whose
-    moments are the ``vocab_*`` statistics. float64 copies and the cosines exist one chunk at a time.
+    moments are the ``vocab_*`` statistics. float64 copies and the cosines exist one chunk at a time, on the
+    weights' device (a CUDA run's stats stage passes them on the GPU: on the CPU this was most of its writing
+    time); the results are NumPy arrays.
     """
     if chunk_size < 1:
         raise WeightError(f"chunk_size must be positive, got {chunk_size}")
     if top_k is not None and not 1 <= top_k <= weights.d_vocab:
         raise WeightError(f"top_k must be between 1 and d_vocab = {weights.d_vocab}, got {top_k}")
     n_layers, d_mlp = weights.n_layers, weights.d_mlp
+    device = weights.W_out.device
     chunk_size = min(chunk_size, chunk_rows(weights.d_vocab, 8 * 3))
     w_in_all = weights.W_in.transpose(1, 2).reshape(-1, weights.d_model)  # [n_neurons, d_model]
     w_out_all = weights.W_out.reshape(-1, weights.d_model)
     n_neurons = w_out_all.shape[0]
-    null = near_null_space(weights.W_U, null_space_dim)
+    # a [d_model, d_model] eigenproblem: solved on the CPU, whatever the device
+    null = near_null_space(weights.W_U.cpu(), null_space_dim).to(device)
     W_U = weights.W_U.to(torch.float32)
     U_norm = W_U.norm(dim=0).clamp_min(_EPS).double()  # [d_vocab]
-    stats = {name: torch.empty(n_neurons, dtype=torch.float64) for name in WEIGHT_STAT_COLUMNS}
+    stats = {name: torch.empty(n_neurons, dtype=torch.float64, device=device) for name in WEIGHT_STAT_COLUMNS}
     stats["input_bias"] = weights.b_in.reshape(-1).to(torch.float64)
     arrays = {}
     if top_k is not None:
@@ -309,21 +313,28 @@ def weight_tables(
         if top_k is not None:
             for prefix, largest in (("unembed_top", True), ("unembed_bottom", False)):
                 values, ids = torch.topk(logits, top_k, dim=1, largest=largest, sorted=True)
-                arrays[f"{prefix}_values"][part], arrays[f"{prefix}_ids"][part] = values.numpy(), ids.numpy()
+                arrays[f"{prefix}_values"][part], arrays[f"{prefix}_ids"][part] = (
+                    values.cpu().numpy(),
+                    ids.cpu().numpy(),
+                )
             values, ids = torch.topk(w_in_all[part].to(torch.float32) @ weights.W_E.T, top_k, dim=1, sorted=True)
-            arrays["embed_top_values"][part], arrays["embed_top_ids"][part] = values.numpy(), ids.numpy()
+            arrays["embed_top_values"][part], arrays["embed_top_ids"][part] = values.cpu().numpy(), ids.cpu().numpy()
         cos = logits.double().div_(out_norm.clamp_min(_EPS).unsqueeze(1)).div_(U_norm)  # [chunk, d_vocab]
         del logits
         mean = cos.mean(dim=1, keepdim=True)
         centred = cos.sub_(mean)
-        square = centred * centred
+        square = centred.square()
         var = square.mean(dim=1)
         stats["vocab_mean"][part] = mean[:, 0]
         stats["vocab_var"][part] = var
-        third, fourth = (torch.linalg.vecdot(square, x) / weights.d_vocab for x in (centred, square))
+        # row-wise dot products as batched [1, V] x [V, 1] GEMMs: 20% faster than vecdot's product and sum on
+        # the CPU (measured on a 256 x 50,257 chunk)
+        third, fourth = (
+            torch.bmm(square.unsqueeze(1), x.unsqueeze(2))[:, 0, 0] / weights.d_vocab for x in (centred, square)
+        )
         stats["vocab_skew"][part] = third / var.clamp_min(_EPS).pow(1.5)
         stats["vocab_kurt"][part] = fourth / var.clamp_min(_EPS).pow(2)
-    statistics = {name: stats[name].reshape(n_layers, d_mlp).numpy() for name in WEIGHT_STAT_COLUMNS}
+    statistics = {name: stats[name].reshape(n_layers, d_mlp).cpu().numpy() for name in WEIGHT_STAT_COLUMNS}
     if top_k is None:
         return statistics, None
     return statistics, VocabProjection(**{name: a.reshape(n_layers, d_mlp, top_k) for name, a in arrays.items()})

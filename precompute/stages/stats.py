@@ -425,7 +425,7 @@ class StatsStage(Stage):
             self._write_histograms(store, model, model_id)
             self._write_positions(store, model, model_id)
             tables = self.token_columns(model.name, model_id, model.d_mlp)
-            weights = processed_weights(model)
+            weights = processed_weights(model, device=self.device)  # on the GPU in a CUDA run
             statistics, projection = weight_tables(weights, top_k=min(self.config.vocab_top_k, weights.d_vocab))
             del weights
             assert projection is not None

@@ -22,6 +22,7 @@ from precompute.weights import (
     random_direction_vocab_var,
     vocab_projection,
     weight_statistics,
+    weight_tables,
 )
 
 
@@ -239,3 +240,26 @@ def test_statistics_use_the_null_space_dimension_asked_for():
     w = synthetic()
     fast = weight_statistics(w, null_space_dim=5)  # the default for d_model 16 is 1
     np.testing.assert_allclose(fast["null_space_fraction"], naive_statistics(w, 5)["null_space_fraction"], atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_weight_tables_on_the_gpu_equal_the_cpus():
+    """A CUDA run's stats stage computes the weight tables on the GPU (`processed_weights(model, device)`): the
+    same statistics and top tokens as on the CPU."""
+    w = synthetic(d_vocab=3000)
+    bridge = SimpleNamespace(W_in=w.W_in, b_in=w.b_in, W_out=w.W_out, W_U=w.W_U, W_E=w.W_E)
+    model = SimpleNamespace(name="synthetic", bridge=bridge, tokenizer=list(range(3000)))
+    on_gpu = processed_weights(model, device="cuda")
+    assert on_gpu.W_U.device.type == "cuda"
+    cpu_stats, cpu_projection = weight_tables(processed_weights(model), null_space_dim=2, top_k=10, chunk_size=5)
+    gpu_stats, gpu_projection = weight_tables(on_gpu, null_space_dim=2, top_k=10, chunk_size=5)
+    for name in WEIGHT_STAT_COLUMNS:
+        assert isinstance(gpu_stats[name], np.ndarray), name
+        np.testing.assert_allclose(gpu_stats[name], cpu_stats[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    assert cpu_projection is not None and gpu_projection is not None
+    for kind in ("unembed_top", "unembed_bottom", "embed_top"):
+        np.testing.assert_allclose(
+            getattr(gpu_projection, f"{kind}_values"), getattr(cpu_projection, f"{kind}_values"), rtol=1e-5
+        )
+        assert (getattr(gpu_projection, f"{kind}_ids") == getattr(cpu_projection, f"{kind}_ids")).mean() > 0.99
