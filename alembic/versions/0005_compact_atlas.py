@@ -368,7 +368,8 @@ def _examples(conn: sa.Connection) -> None:
                 known = np.concatenate([known, np.zeros(start + ids.size - known.size, dtype=np.uint32)])
             known[start : start + ids.size] = ids
             tokens[(model_id, row)] = known
-            example["activations"] = _encode_u8(np.frombuffer(r[14], dtype="<f2"))
+            # the float16 values themselves: `example_columns` encodes a row's snippets on one scale (0006)
+            example["activations"] = np.frombuffer(r[14], dtype="<f2")
             group.append(example)
             if r[3] == "top" and ids.size:
                 peak_token = int(ids[min(max(peak, 0), ids.size - 1)])

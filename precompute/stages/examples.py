@@ -60,9 +60,10 @@ from precompute.stages.base import (
     selection_bytes,
 )
 from precompute.store import (
+    U8_HEADER,
+    U8_MISSING,
     WRITE_CHUNK_BYTES,
     blob,
-    encode_u8_rows,
     example_columns,
     example_peaks,
     example_rows,
@@ -72,8 +73,8 @@ from precompute.store import (
 
 logger = logging.getLogger(__name__)
 
-#: Neurons whose snippets are encoded together when the examples are written: a block's BLOBs (about 45 of 40
-#: bytes a neuron) are all that is held at once.
+#: Neurons whose snippets are cut together when the examples are written: a block's windows are all that is held
+#: at once.
 ENCODE_BLOCK = 2048
 
 
@@ -465,44 +466,50 @@ class ExamplesStage(Stage):
     def example_rows(self, name: str, model_id: int, d_mlp: int, dataset_rows: np.ndarray) -> Iterator[Row]:
         """Every stored example of one model, as ``examples`` rows.
 
-        The snippets' `encode_u8` BLOBs are made for a block of neurons at a time (`_encoded_snippets`): one
-        vectorised call per slot and span instead of one per example, which was most of the writing time (issue 11:
-        140 s of 146 for two GPT-2-small-shaped models on a GPU machine)."""
+        The snippets are encoded for a block of neurons at a time (`_block_codes`), vectorised over the block's
+        neurons: each row (a neuron and kind) gets one scale, the range of its snippets' values, and each
+        snippet its uint8 codes on it; `example_columns` joins them (issue 11: encoding each example on its own
+        was 140 s of 146 of the writing for two GPT-2-small-shaped models on a GPU machine)."""
         state = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in self.state[name].items()}
         n_bins = len(self.config.quantiles) + 1
         edges = state["edges"]
-        slots = [("top_", self.config.top)] + [(f"bin{b}_", self.config.per_bin) for b in range(n_bins)]
-        slots.append(("random_", self.config.random))
+        kinds = {"top": ["top_"], "quantile": [f"bin{b}_" for b in range(n_bins if edges is not None else 0)]}
+        kinds["random"] = ["random_"]
         n_neurons = self.shapes[name]
         for block_start in range(0, n_neurons, ENCODE_BLOCK):
-            block = range(block_start, min(block_start + ENCODE_BLOCK, n_neurons))
-            encoded = {
-                prefix: self._encoded_snippets(dataset_rows, state, prefix, ranks, block) for prefix, ranks in slots
-            }
-            for flat in block:
+            block = slice(block_start, min(block_start + ENCODE_BLOCK, n_neurons))
+            codes = {kind: self._block_codes(dataset_rows, state, prefixes, block) for kind, prefixes in kinds.items()}
+            for flat in range(block.start, block.stop):
                 key = neuron_key(model_id, d_mlp, flat)
                 local = flat - block_start
-                for rank in range(self.config.top):
-                    if state["top_row"][rank, flat] < 0 or not np.isfinite(state["top_value"][rank, flat]):
-                        break
-                    snippet = encoded["top_"][rank][local]
-                    yield key | self._snippet(dataset_rows, state, "top_", rank, flat, snippet, kind="top")
+                scales = {kind: codes[kind][0][local] for kind in kinds}
+                for rank in np.flatnonzero(codes["top"][1]["top_"][0][:, local]).tolist():
+                    snippet = codes["top"][1]["top_"][1][rank][local]
+                    yield key | self._snippet(dataset_rows, state, "top_", rank, flat, snippet, scales["top"], "top")
                 for b in range(n_bins if edges is not None else 0):
                     low = None if b == 0 else float(edges[flat, b - 1])
                     high = float(state["top_value"][0, flat]) if b == n_bins - 1 else float(edges[flat, b])
                     fraction = float(state["bin_seen"][b, flat] / max(state["bin_looked"][b], 1))
-                    for rank in range(self.config.per_bin):
-                        if state[f"bin{b}_row"][rank, flat] < 0:
-                            break
+                    written, snippets = codes["quantile"][1][f"bin{b}_"]
+                    for rank in np.flatnonzero(written[:, local]).tolist():
                         extra = {"bin": b, "bin_low": low, "bin_high": high, "bin_fraction": fraction}
-                        snippet = encoded[f"bin{b}_"][rank][local]
                         yield key | self._snippet(
-                            dataset_rows, state, f"bin{b}_", rank, flat, snippet, kind="quantile", **extra
+                            dataset_rows,
+                            state,
+                            f"bin{b}_",
+                            rank,
+                            flat,
+                            snippets[rank][local],
+                            scales["quantile"],
+                            "quantile",
+                            **extra,
                         )
-                for rank in range(self.config.random):
-                    if np.isfinite(state["random_value"][rank, flat]):
-                        snippet = encoded["random_"][rank][local]
-                        yield key | self._snippet(dataset_rows, state, "random_", rank, flat, snippet, kind="random")
+                written, snippets = codes["random"][1]["random_"]
+                for rank in np.flatnonzero(written[:, local]).tolist():
+                    snippet = snippets[rank][local]
+                    yield key | self._snippet(
+                        dataset_rows, state, "random_", rank, flat, snippet, scales["random"], "random"
+                    )
 
     def _span(self, pos: np.ndarray, ctx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(start, end, first) of snippets peaking at ``pos``: the row's tokens [start, end) around the peak, and
@@ -511,29 +518,55 @@ class ExamplesStage(Stage):
         end = np.minimum(ctx, pos + self.config.after + 1)
         return start, end, start - (pos - self.config.before)
 
-    def _encoded_snippets(
-        self, dataset_rows: np.ndarray, state: dict, prefix: str, ranks: int, block: range
-    ) -> list[list[bytes | None]]:
-        """For each rank of one kind's slots, the `encode_u8` BLOB of every neuron of ``block`` with an example
-        there (None where the slot is empty), the neurons sharing a span encoded together (`encode_u8_rows`
-        encodes each row on its own, so this is `encode_u8` of each snippet)."""
-        neurons = slice(block.start, block.stop)
-        encoded: list[list[bytes | None]] = []
-        for rank in range(ranks):
-            # a slot is written when it has a row (top and quantile samples) or a value (random samples)
-            filled = (state[f"{prefix}row"][rank, neurons] >= 0) | np.isfinite(state[f"{prefix}value"][rank, neurons])
-            pos = state[f"{prefix}pos"][rank, neurons].astype(np.int64)
-            start, end, first = self._span(pos, dataset_rows.shape[1])
-            window = state[f"{prefix}window"][rank, :, neurons]  # [window, neurons]
-            blobs: list[bytes | None] = [None] * len(block)
-            spans = np.stack([first, end - start], axis=1)
-            for span_first, length in np.unique(spans[filled], axis=0):
-                local = np.flatnonzero(filled & (first == span_first) & (end - start == length))
-                rows = window[span_first : span_first + length][:, local].T
-                for index, data in zip(local, encode_u8_rows(rows), strict=True):
-                    blobs[index] = data
-            encoded.append(blobs)
-        return encoded
+    def _written(self, state: dict, prefix: str, block: slice) -> np.ndarray:
+        """[ranks, neurons] of the block: the slots written as examples. Top and quantile slots fill in rank order
+        (the first empty one ends the list; a top slot needs a finite value too); a random slot is written when
+        its value is finite."""
+        row, value = state[f"{prefix}row"][:, block], state[f"{prefix}value"][:, block]
+        if prefix == "random_":
+            return np.isfinite(value)
+        present = (row >= 0) & np.isfinite(value) if prefix == "top_" else row >= 0
+        return np.logical_and.accumulate(present, axis=0)
+
+    def _block_codes(
+        self, dataset_rows: np.ndarray, state: dict, prefixes: list[str], block: slice
+    ) -> tuple[list[bytes], dict[str, tuple[np.ndarray, list[list[bytes | None]]]]]:
+        """One kind's snippets of every neuron of ``block``, encoded on one scale a neuron (`encode_u8` of the
+        neuron's snippets one after the other gives the same bytes): each neuron's `encode_u8` header, and per slot
+        prefix the written slots [ranks, neurons] and each written snippet's codes (None elsewhere)."""
+        n = block.stop - block.start
+        low, high = np.full(n, np.inf), np.full(n, -np.inf)
+        cut: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = {}
+        for prefix in prefixes:
+            written, cut[prefix] = self._written(state, prefix, block), []
+            for rank in range(written.shape[0]):
+                pos = state[f"{prefix}pos"][rank, block].astype(np.int64)
+                start, end, first = self._span(pos, dataset_rows.shape[1])
+                window = state[f"{prefix}window"][rank, :, block].T.astype(np.float64)  # [neurons, window]
+                offset = np.arange(window.shape[1])
+                inside = (offset >= first[:, None]) & (offset < (first + end - start)[:, None]) & written[rank, :, None]
+                finite = inside & np.isfinite(window)
+                low = np.minimum(low, np.where(finite, window, np.inf).min(axis=1))
+                high = np.maximum(high, np.where(finite, window, -np.inf).max(axis=1))
+                cut[prefix].append((written[rank], window, first, end - start))
+        # as `precompute.store.encode_u8`: a float32 low and step, codes rounded against them, 255 where not finite
+        known = np.isfinite(low)
+        low32 = np.where(known, low, 0.0).astype(np.float32)
+        step32 = ((np.where(known, high, 0.0) - low32) / (U8_MISSING - 1)).astype(np.float32)
+        safe = np.where(step32 > 0, step32, 1.0).astype(np.float64)
+        headers = [U8_HEADER.pack(lo, st) for lo, st in zip(low32.tolist(), step32.tolist(), strict=True)]
+        out: dict[str, tuple[np.ndarray, list[list[bytes | None]]]] = {}
+        for prefix, ranks in cut.items():
+            snippets: list[list[bytes | None]] = []
+            for written, window, first, length in ranks:
+                codes = np.rint((np.where(np.isfinite(window), window, 0.0) - low32[:, None]) / safe[:, None])
+                codes = np.where(np.isfinite(window), np.clip(codes, 0, U8_MISSING - 1), U8_MISSING).astype(np.uint8)
+                row: list[bytes | None] = [None] * n
+                for local in np.flatnonzero(written).tolist():
+                    row[local] = codes[local, first[local] : first[local] + length[local]].tobytes()
+                snippets.append(row)
+            out[prefix] = (np.stack([w for w, *_ in ranks]) if ranks else np.zeros((0, n), dtype=bool), snippets)
+        return headers, out
 
     def _snippet(
         self,
@@ -542,15 +575,16 @@ class ExamplesStage(Stage):
         prefix: str,
         rank: int,
         flat: int,
-        activations: bytes | None,
+        codes: bytes | None,
+        scale: bytes,
         kind: str,
         **extra: Any,
     ) -> Row:
-        """One example's row (without the neuron key), its snippet's activations already encoded; ``extra`` fills
-        the bin columns of quantile samples."""
+        """One example's row (without the neuron key) with its snippet's codes on its row's scale (`encode_u8`'s
+        header); ``extra`` fills the bin columns of quantile samples."""
         row, pos = int(state[f"{prefix}row"][rank, flat]), int(state[f"{prefix}pos"][rank, flat])
         start = max(0, pos - self.config.before)
-        assert activations is not None  # every filled slot was encoded
+        assert codes is not None  # every written slot was encoded
         return {
             "kind": kind,
             "rank": rank,
@@ -564,7 +598,8 @@ class ExamplesStage(Stage):
             "peak": pos - start,
             "activation": float(state[f"{prefix}value"][rank, flat]),
             "peak_token": int(dataset_rows[row, pos]),
-            "activations": activations,
+            "snippet_codes": codes,
+            "snippet_scale": scale,
         }
 
 

@@ -12,7 +12,7 @@ from precompute.activations import ActivationBatch
 from precompute.data import DatasetConfig, TokenDataset
 from precompute.pipeline import ConfigError
 from precompute.stages.examples import ExamplesStage, gather_windows
-from precompute.store import decode_u8
+from precompute.store import U8_HEADER, decode_u8, encode_u8, example_columns
 
 N_ROWS, CTX, N_LAYERS, D_MLP = 14, 40, 2, 4
 
@@ -67,8 +67,10 @@ def stored(stage: ExamplesStage, context) -> list[dict]:
     rows = list(stage.example_rows("m", 3, D_MLP, context.dataset.rows))
     for row in rows:
         row["flat"] = row["layer"] * D_MLP + row["neuron"]
-        # the snippet's tokens are stored once per dataset row (``example_rows``), its activations as uint8 codes
-        row["activation_array"] = decode_u8(row["activations"])
+        # the snippet's tokens are stored once per dataset row (``example_rows``), its activations as uint8 codes on
+        # one scale for the neuron and kind (its `encode_u8` header)
+        row["activation_array"] = decode_u8(row["snippet_scale"] + row["snippet_codes"])
+        row["step"] = U8_HEADER.unpack(row["snippet_scale"])[1]
         start = row["start"]
         row["token_array"] = context.dataset.rows[row["dataset_row"], start : start + row["activation_array"].size]
         assert row["peak_token"] == row["token_array"][row["peak"]]
@@ -94,8 +96,9 @@ def test_top_examples_are_the_best_row_maxima_with_their_contexts():
             assert r["start"] == max(0, pos - 24)
             np.testing.assert_array_equal(r["token_array"], context.dataset.rows[r["dataset_row"], r["start"] : end])
             expected = post[r["dataset_row"], r["start"] : end, flat].astype(np.float16).astype(np.float64)
-            step = np.ptp(expected) / 254  # uint8 codes: within half a step of the snippet's range
-            np.testing.assert_allclose(r["activation_array"], expected, rtol=0, atol=step / 2 * 1.01 + 1e-6)
+            assert r["step"] >= np.ptp(expected) / 254 * (1 - 1e-6)  # the row's range holds the snippet's
+            # uint8 codes: within half a step of the row's range (float32 low and step)
+            np.testing.assert_allclose(r["activation_array"], expected, rtol=0, atol=r["step"] / 2 * 1.01 + 1e-6)
 
 
 def test_quantile_bins_hold_every_token_of_the_bin_when_per_bin_is_large():
@@ -170,11 +173,11 @@ def test_bad_settings_are_refused(analysis, message):
         ExamplesStage(context)
 
 
-def test_snippets_encoded_by_blocks_of_neurons_are_each_snippets_own_encoding(monkeypatch):
-    """The write encodes the snippets of a block of neurons together, grouped by span: with blocks of 3 neurons (the
-    8 neurons in 3 blocks, the last one short) every row is what encoding each snippet on its own gives."""
+def test_snippets_encoded_by_blocks_of_neurons_are_encode_u8_of_each_rows_windows(monkeypatch):
+    """The write encodes a block of neurons' snippets at once, each neuron and kind on one scale: with blocks of 3
+    neurons (the 8 neurons in 3 blocks, the last one short) every stored row's snippets are, byte for byte,
+    `encode_u8` of its examples' windows (clipped at the row's edges) one after the other in (bin, rank) order."""
     import precompute.stages.examples as examples_module
-    from precompute.store import encode_u8
 
     context, batches, _ = synthetic_run({"top": 4, "quantiles": [0.5, 0.9], "per_bin": 2, "random": 2, "before": 30})
     stage = run_stage(context, batches)
@@ -182,14 +185,20 @@ def test_snippets_encoded_by_blocks_of_neurons_are_each_snippets_own_encoding(mo
     rows = list(stage.example_rows("m", 3, D_MLP, context.dataset.rows))
     state = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in stage.state["m"].items()}
     prefixes = {"top": lambda r: "top_", "quantile": lambda r: f"bin{r['bin']}_", "random": lambda r: "random_"}
-    kinds = set()
+    groups: dict[tuple[int, str], list[dict]] = {}
+    shapes = set()
     for row in rows:
-        prefix, flat = prefixes[row["kind"]](row), row["layer"] * D_MLP + row["neuron"]
-        pos = row["start"] + row["peak"]
-        first = row["start"] - (pos - 30)  # windows start 30 tokens before the peak
-        length = min(CTX, pos + 9) - row["start"]
-        window = state[f"{prefix}window"][row["rank"], :, flat]
-        assert row["activations"] == encode_u8(window[first : first + length])
-        kinds.add((row["kind"], first > 0, length < 40))
-    assert {kind for kind, _, _ in kinds} == {"top", "quantile", "random"}
-    assert len({(clipped, short) for _, clipped, short in kinds}) > 1  # spans of several shapes were grouped
+        groups.setdefault((row["layer"] * D_MLP + row["neuron"], row["kind"]), []).append(row)
+    assert {kind for _, kind in groups} == {"top", "quantile", "random"}
+    assert len({flat for flat, _ in groups}) == N_LAYERS * D_MLP
+    for (flat, kind), group in groups.items():
+        windows = []
+        for row in sorted(group, key=lambda r: (r["bin"], r["rank"])):
+            pos = row["start"] + row["peak"]
+            first = row["start"] - (pos - 30)  # windows start 30 tokens before the peak
+            length = min(CTX, pos + 9) - row["start"]
+            window = state[f"{prefixes[kind](row)}window"][row["rank"], :, flat]
+            windows.append(window[first : first + length])
+            shapes.add((first > 0, length < 40))
+        assert example_columns(group)["snippets"] == encode_u8(np.concatenate(windows))
+    assert len(shapes) > 1  # spans of several shapes

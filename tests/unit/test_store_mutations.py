@@ -9,12 +9,14 @@ never from the implementation's output.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import sqlite3
 import struct
 import warnings
 import zlib
+from contextlib import closing
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -23,8 +25,10 @@ import pytest
 
 from precompute.store import (
     ARRAY_DTYPES,
+    PAGE_SIZE,
     POSTING,
     TOKEN_TABLE_KINDS,
+    U8_HEADER,
     U8_MISSING,
     AtlasStore,
     blob,
@@ -34,6 +38,7 @@ from precompute.store import (
     decode_counts,
     decode_examples,
     decode_postings,
+    decode_snippets,
     decode_u8,
     distributions,
     encode_array,
@@ -56,6 +61,7 @@ from precompute.store import (
     unsigned_dtype,
     upgrade,
     utc_now,
+    vacuum,
     vocab,
 )
 
@@ -320,16 +326,23 @@ def test_percentile_rows_are_the_neurons_in_layer_order():
     decoded = [decode_array(b) for b in columns["percentiles"]]
     assert {d.dtype for d in decoded} == {np.dtype("<f4")}
     np.testing.assert_array_equal(np.stack(decoded), values)
-    precise = percentile_columns(2, 3, values + 0.1)
-    assert decode_array(precise["percentiles"][0]).dtype == np.dtype("<f8")
-    assert decode_array(precise["percentiles"][6]).tolist() == (values[6] + 0.1).tolist()
+    # float32 whatever the values: the JSON shows a percentile with two decimals (`round(v, 2)`)
+    precise = percentile_columns(2, 3, 100 * values / values[np.isfinite(values)].max() + 1 / 3)
+    assert decode_array(precise["percentiles"][0]).dtype == np.dtype("<f4")
+    expected = 100 * values[6] / values[np.isfinite(values)].max() + 1 / 3
+    assert [round(float(v), 2) for v in decode_array(precise["percentiles"][6])] == [round(v, 2) for v in expected]
+    np.testing.assert_allclose(decode_array(precise["percentiles"][6]), expected, rtol=1e-7)
 
 
 # --- examples ------------------------------------------------------------------------------------------------
 
 
+def snippet_of(rank: int) -> np.ndarray:
+    return np.array([0.0, 254.0 * (rank + 1), np.nan][: 2 + (rank % 2)])
+
+
 def example(rank: int, bin_: int, **extra):
-    snippet = np.array([0.0, 254.0 * (rank + 1), np.nan][: 2 + (rank % 2)])
+    snippet = snippet_of(rank)
     row = {
         "model_id": 3,
         "layer": 1,
@@ -380,7 +393,8 @@ def test_examples_pack_and_unpack_in_bin_then_rank_order():
         assert e["dataset_row"] == source["dataset_row"]
         assert e["start"] == source["start"] and e["peak"] == source["peak"]
         assert e["activation"] == source["activation"]
-        np.testing.assert_array_equal(e["activations"], decode_u8(source["activations"]))
+        # one scale for the row: 0 to 254 × 3 in 254 steps of 3, so within half a step (1.5) of each value
+        np.testing.assert_allclose(e["activations"], snippet_of(e["rank"]), atol=1.5, rtol=0)
         expected_range = {0: (None, 1.5, None), 1: (None, None, None), 2: (0.5, 0.75, 0.125)}[e["bin"]]
         assert (e["bin_low"], e["bin_high"], e["bin_fraction"]) == expected_range
 
@@ -397,6 +411,33 @@ def test_examples_without_any_bin_range_store_none_and_keep_float64_activations(
     decoded = decode_examples([columns[k] for k in key])
     assert [(e["bin_low"], e["bin_high"], e["bin_fraction"]) for e in decoded] == [(None, None, None)] * 2
     assert [e["activations"].size for e in decoded] == [2, 3]
+
+
+def test_a_rows_snippets_share_one_scale_and_rows_of_the_older_layout_still_decode():
+    """Revision 0006: one `encode_u8` (8-byte low and step) for all the snippets of a row, given as floats or as
+    each snippet's own BLOB; a 0005 row (a header a snippet) decodes too, and the migration turns it into the
+    new layout (`one_scale`, the migration's own code)."""
+    values = [np.array([0.0, 1.0, 2.0]), np.array([np.nan, 254.0]), np.array([127.0])]
+    rows = [example(rank, 0, activations=v) for rank, v in enumerate(values)]
+    columns = example_columns(rows)
+    assert len(columns["snippets"]) == 8 + 6  # one header, a code a value
+    assert decode_u8(columns["snippets"])[3] != decode_u8(columns["snippets"])[3]  # NaN keeps its code
+    decoded = decode_snippets(columns["lengths"], columns["snippets"])
+    for got, want in zip(decoded, values, strict=True):
+        np.testing.assert_allclose(got, want, atol=0.5, rtol=0)  # steps of 1 over 0..254
+    old_layout = b"".join(encode_u8(v) for v in values)  # what revision 0005 wrote
+    for got, want in zip(decode_snippets(columns["lengths"], old_layout), values, strict=True):
+        np.testing.assert_allclose(got, want, atol=0.5, rtol=0)
+    path = Path(__file__).parents[2] / "alembic" / "versions" / "0006_one_snippet_scale.py"
+    spec = importlib.util.spec_from_file_location("migration_0006", path)
+    assert spec is not None and spec.loader is not None
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    migrated = migration.one_scale(columns["lengths"], old_layout)
+    assert migrated == columns["snippets"]  # re-encoding the decoded codes gives the codes of the values
+    assert migration.one_scale(columns["lengths"], columns["snippets"]) is None  # already one scale
+    single = encode_u8(values[0])
+    assert migration.one_scale(encode_array([3], "<u1"), single) is None  # one snippet: the same bytes
 
 
 # --- feature names -------------------------------------------------------------------------------------------
@@ -642,10 +683,46 @@ def test_a_file_migrated_across_the_compact_revision_is_vacuumed(tmp_path):
     db = tmp_path / "old.db"
     upgrade(db, "0004")
     assert current_revision(db) == "0004"
-    upgrade(db)
+    upgrade(db, "0005")
     assert current_revision(db) == "0005"
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
+
+
+def test_a_file_migrated_across_the_snippet_scale_revision_is_vacuumed(tmp_path):
+    """Revision 0006 shortens every examples row of several snippets: the freed pages go back by VACUUM too."""
+    db = tmp_path / "old.db"
+    with closing(sqlite3.connect(db)) as conn:  # a file made before 8 KB pages
+        conn.execute("PRAGMA page_size=4096")
+        conn.execute("PRAGMA journal_mode=WAL")
+    upgrade(db, "0005")
+    with closing(sqlite3.connect(db)) as conn, conn:
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+        # (no runs or models rows: sqlite3 leaves foreign keys unchecked unless asked)
+        values = [np.linspace(0.0, 1.0 + r, 1000) for r in range(4)]
+        lengths = encode_array([1000] * 4, "<u2")
+        for neuron in range(40):  # 40 rows of 4 snippets, each with its own header (0005's layout): ~160 KB
+            conn.execute(
+                "INSERT INTO examples VALUES (1, 0, ?, 'top', 4, ?, ?, NULL, ?, ?, ?, ?, ?, ?)",
+                (
+                    neuron,
+                    *(encode_array([0, 1, 2, 3], "<u1") for _ in range(5)),
+                    encode_array([1.0] * 4, "<f4"),
+                    lengths,
+                    b"".join(encode_u8(v) for v in values),
+                ),
+            )
+    upgrade(db)
+    assert current_revision(db) == "0006"
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE  # and rewritten in 8 KB pages
+        stored = conn.execute("SELECT lengths, snippets FROM examples ORDER BY neuron").fetchall()
+    assert len(stored) == 40
+    for lengths_blob, snippets in stored:
+        assert len(snippets) == 8 + 4000  # one header for the row
+        for got, want in zip(decode_snippets(lengths_blob, snippets), values, strict=True):
+            np.testing.assert_allclose(got, want, atol=4 / 254, rtol=0)  # a step of the row's range 0..4
 
 
 def test_content_hash_counts_the_rows_of_every_model_table(tmp_path):
@@ -763,3 +840,74 @@ def test_compact_gives_the_free_pages_back(tmp_path):
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
         assert conn.execute("SELECT text FROM vocab").fetchall() == [("a",)]
+
+
+def test_atlas_files_use_8_kb_pages_and_vacuum_converts_older_files(tmp_path):
+    """A new file gets `PAGE_SIZE` pages; `vacuum` rewrites a 4 KB-page WAL file in 8 KB pages and leaves it in
+    WAL mode, unless another connection holds it open (then the VACUUM still runs, at the file's page size)."""
+    with AtlasStore(tmp_path / "new.db") as store:
+        store.create_run({}, {}, {})
+    with sqlite3.connect(tmp_path / "new.db") as conn:
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE == 8192
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+    def old_file(name: str) -> Path:
+        path = tmp_path / name
+        conn = sqlite3.connect(path)
+        conn.execute("PRAGMA page_size=4096")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE t (x BLOB)")
+        conn.executemany("INSERT INTO t VALUES (?)", [(bytes(300),) for _ in range(100)])
+        conn.commit()
+        conn.close()
+        return path
+
+    old = old_file("old.db")
+    vacuum(old)
+    with sqlite3.connect(old) as conn:
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 8192
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT count(*), sum(length(x)) FROM t").fetchone() == (100, 30_000)
+
+    busy = old_file("busy.db")
+    reader = sqlite3.connect(busy)
+    reader.execute("SELECT count(*) FROM t").fetchone()  # a dashboard's open connection
+    try:
+        vacuum(busy)
+    finally:
+        reader.close()
+    with sqlite3.connect(busy) as conn:
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_examples_encoded_by_the_stage_are_joined_on_their_shared_scale():
+    """The examples stage hands each row's codes and its one scale: they are joined in (bin, rank) order, and
+    rows whose examples disagree on the scale are refused."""
+    scale = U8_HEADER.pack(-1.0, 0.5)
+    rows = [
+        example(1, 0, snippet_codes=bytes([7, 8]), snippet_scale=scale),
+        example(0, 0, snippet_codes=bytes([1, 2, 3]), snippet_scale=scale),
+    ]
+    for row in rows:
+        del row["activations"]
+    columns = example_columns(rows)
+    assert columns["snippets"] == scale + bytes([1, 2, 3, 7, 8])
+    assert decode_array(columns["lengths"]).tolist() == [3, 2]
+    decoded = decode_snippets(columns["lengths"], columns["snippets"])
+    assert [a.tolist() for a in decoded] == [[-0.5, 0.0, 0.5], [2.5, 3.0]]
+    rows[1]["snippet_scale"] = U8_HEADER.pack(-1.0, 0.25)
+    with pytest.raises(ValueError, match="share one scale"):
+        example_columns(rows)
+
+
+def test_encode_u8_gives_the_bytes_of_the_vectorised_encoder():
+    """`encode_u8`'s one-array path (finite values) and its general path (NaN) equal `encode_u8_rows`."""
+    rng = np.random.default_rng(11)
+    arrays = [
+        rng.normal(size=int(rng.integers(1, 60))) * 10 ** rng.uniform(-3, 3) + rng.normal() * 5 for _ in range(300)
+    ]
+    arrays += [np.full(7, 1.25), np.array([3.0]), np.array([np.nan, 2.0, 5.0]), np.array([np.nan])]
+    arrays += [a.astype(np.float32) for a in arrays[:50]]
+    for x in arrays:
+        assert encode_u8(x) == encode_u8_rows(np.asarray(x).reshape(1, -1))[0]
