@@ -394,7 +394,8 @@ def _documents(rows: np.ndarray, strings: Sequence[str], eos_id: int) -> Iterato
     The character is the token's first non-space one (its first one when the token is all whitespace).
     """
     lengths = np.array([len(s) for s in strings], dtype=np.int64)
-    lead = np.minimum([len(s) - len(s.lstrip()) for s in strings], np.maximum(lengths - 1, 0))
+    # an all-whitespace token (a newline and the next line's indentation) is labelled by its first character
+    lead = np.array([len(s) - len(s.lstrip()) if s.strip() else 0 for s in strings], dtype=np.int64)
     stream = rows[:, 1:].reshape(-1)
     for doc in documents_of(rows, eos_id):
         tokens = stream[doc]
