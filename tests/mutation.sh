@@ -25,6 +25,7 @@ declare -A MUTATION_GROUPS=(
     [correlation]="precompute/correlation.py | tests/unit/test_correlation.py"
     [universality]="precompute/universality.py | tests/unit/test_universality.py"
     [moments]="precompute/moments.py | tests/unit/test_stats.py"
+    [stats]="precompute/stages/stats.py | tests/unit/test_stats.py"
     [families]="precompute/features.py precompute/stages/families.py | tests/unit/test_features.py tests/unit/test_paper_definitions.py"
     [weights]="precompute/weights.py | tests/unit/test_weights.py"
     [roles]="precompute/stages/roles.py precompute/causal.py | tests/unit/test_roles.py"

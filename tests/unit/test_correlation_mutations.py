@@ -14,6 +14,7 @@ spread, on models whose layer counts and widths all differ.
 from __future__ import annotations
 
 import itertools
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -28,7 +29,10 @@ from precompute.correlation import (
     plan_passes,
     rotation_matrix,
 )
+from precompute.distributed import Distributed, ReduceOp
 from tests.factories import make_batches
+
+T = TypeVar("T")
 
 SHAPES = [ModelShape("a", 2, 5), ModelShape("b", 3, 4), ModelShape("c", 2, 3)]
 ROWS, POS = 9, 16
@@ -352,3 +356,408 @@ def test_plan_passes_refuses_a_budget_below_one_tile_with_its_size():
     with pytest.raises(CorrelationError, match=r"big against one layer of other needs 0\.50 GiB; raise"):
         plan_passes(big, [(0, 1)], 2**29 - 1, 2)
     assert blocks_of(plan_passes(big, [(0, 1)], 2**29, 2)) == [[(0, 1, 0, 1, 0, None)]]
+
+
+# --- the streaming update (round 7): pilot shift, counted tokens, chunks, precisions, blocks, ranks -------------
+
+#: The shapes' neurons together (a 10, b 12, c 6): every model's operands of one token.
+N_ALL = sum(s.n_neurons for s in SHAPES)
+
+
+def streamed_activations() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The planted activations with poison at the tokens that are not counted (a leak moves every sum by 100s),
+    a first row with no counted token and a second with one (the pilot is that token)."""
+    acts, counted = planted_activations("gaussian", SEED)
+    counted = counted.copy()
+    counted[0] = False
+    counted[1] = False
+    counted[1, 3] = True  # the pilot's batch has a single counted token
+    acts = {
+        name: np.where(counted[..., None, None], x, np.float32(100.0)).astype(np.float32) for name, x in acts.items()
+    }
+    return acts, counted
+
+
+#: batches of 1 (nothing counted), 1, 4 and 3 rows
+UPDATE_SPLITS = [1, 2, 6]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of at most 3 rows everywhere the engine or a batch cuts its work (`chunk_rows`): the tokens of a batch
+    in update and in the pilot, and the rows of a product block, each in several chunks."""
+    import precompute.activations
+    import precompute.correlation
+    from precompute.memory import chunk_rows
+
+    def three(n_columns: int, itemsize: int = 8, budget: int = 2**30) -> int:
+        return chunk_rows(n_columns, itemsize, min(budget, 3 * n_columns * itemsize))
+
+    monkeypatch.setattr(precompute.correlation, "chunk_rows", three)
+    monkeypatch.setattr(precompute.activations, "chunk_rows", three)
+
+
+@pytest.fixture
+def keep_tf32():
+    """--precision tf32 turns on TF32 matmuls for the process (`CorrelationEngine.__init__`): put the flag back."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def shifted_numpy(acts, counted, precision: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each model's pilot (the float64 mean of the first batch with counted tokens, as float32) and its shifted
+    counted activations (float32 values minus the pilot in float32, rounded to bf16 for bfloat16, through float8
+    for fp8), float64."""
+    first = np.zeros_like(counted)
+    first[UPDATE_SPLITS[0] : UPDATE_SPLITS[1]] = counted[UPDATE_SPLITS[0] : UPDATE_SPLITS[1]]
+    assert first.any() and not counted[: UPDATE_SPLITS[0]].any()
+    shifts, shifted = [], []
+    for shape in SHAPES:
+        x = acts[shape.name][counted].reshape(-1, shape.n_neurons)
+        shift = acts[shape.name][first].reshape(-1, shape.n_neurons).astype(np.float64).mean(axis=0).astype(np.float32)
+        values = x - shift  # float32, as the engine subtracts
+        if precision == "bfloat16":
+            values = torch.from_numpy(values).bfloat16().double().numpy()
+        elif precision.startswith("fp8"):
+            values = fp8_dequantized(values, counted)
+        shifts.append(shift)
+        shifted.append(values.astype(np.float64))
+    return shifts, shifted
+
+
+def fp8_dequantized(values: np.ndarray, counted: np.ndarray) -> np.ndarray:
+    """What the fp8 products see of shifted float32 values [tokens, n]: each 3-token chunk of a batch (`small_chunks`)
+    scaled per neuron so that its largest magnitude is 448, rounded to float8 e4m3 (torch's cast) and scaled back."""
+    out = np.empty(values.shape, dtype=np.float64)
+    bounds = [0, *UPDATE_SPLITS, counted.shape[0]]
+    start = 0
+    for first_row, stop_row in itertools.pairwise(bounds):
+        n_batch = int(counted[first_row:stop_row].sum())
+        for chunk in range(start, start + n_batch, 3):
+            part = values[chunk : min(chunk + 3, start + n_batch)]
+            scale = np.maximum(np.abs(part).max(axis=0), np.finfo(np.float32).tiny).astype(np.float32) / np.float32(448)
+            codes = torch.from_numpy((part / scale).astype(np.float32)).to(torch.float8_e4m3fn).double().numpy()
+            out[chunk : chunk + len(part)] = codes * scale.astype(np.float64)
+        start += n_batch
+    return out
+
+
+def block_slices(key: tuple) -> tuple[int, int, slice, slice]:
+    """A block's models and flat neurons, worked out from its key (layers of a; layers of b, None: to the last)."""
+    a, b, start, stop, b_start, b_stop = key
+    d_a, d_b = SHAPES[a].d_mlp, SHAPES[b].d_mlp
+    b_stop = SHAPES[b].n_layers if b_stop is None else b_stop
+    return a, b, slice(start * d_a, stop * d_a), slice(b_start * d_b, b_stop * d_b)
+
+
+#: precision -> accumulator dtype on the CPU, absolute and relative tolerance of a product sum over ~90 tokens
+UPDATE_PRECISIONS = {
+    "float64": (torch.float64, 1e-9, 1e-12),
+    "float32": (torch.float64, 1e-4, 1e-6),
+    "bfloat16": (torch.float32, 1e-3, 1e-5),
+    "tf32": (torch.float32, 1e-3, 1e-6),
+    "fp8": (torch.float32, 1e-3, 1e-5),
+    "fp8-fast": (torch.float32, 1e-3, 1e-5),
+}
+
+
+@pytest.mark.parametrize("budget", ["one", "layers", "tiles"])
+@pytest.mark.parametrize("precision", list(UPDATE_PRECISIONS))
+def test_update_accumulates_shifted_products_of_counted_tokens_into_each_block(
+    small_chunks, keep_tf32, precision, budget
+):
+    """Before each pass closes, every block's accumulator is Σ (x − shift)(y − shift)ᵀ over the counted tokens of
+    its rows of a and columns of b (NumPy float64 of the engine's operands), in the precision's accumulator dtype;
+    the pilot is the first batch with counted tokens; the count and sums come from float32 values in every
+    precision (not from bf16 operands) and only in the first pass."""
+    acts, counted = streamed_activations()
+    dtype, atol, rtol = UPDATE_PRECISIONS[precision]
+    engine = CorrelationEngine(
+        SHAPES, CorrelationConfig(baseline_seed=SEED, precision=precision, memory_budget_gb=BUDGETS[budget])
+    )
+    assert engine.accumulator_dtype == dtype
+    assert (engine.n_passes > 1) == (budget != "one")
+    batches = make_batches(acts, counted, UPDATE_SPLITS)
+    assert [b.n_counted > 0 for b in batches] == [False, True, True, True]
+    shifts, shifted = shifted_numpy(acts, counted, precision)
+    _, exact = shifted_numpy(acts, counted, "float32")
+    n = int(counted.sum())
+    closed: list[tuple] = []
+    while not engine.done:
+        for batch in batches:
+            engine.update(batch)
+        assert engine._pass_rows == n
+        for block, accumulator in engine.accumulators.items():
+            a, b, rows, columns = block_slices(block.key())
+            assert accumulator.dtype == dtype
+            expected = shifted[a][:, rows].T @ shifted[b][:, columns]
+            np.testing.assert_allclose(accumulator.double().numpy(), expected, atol=atol, rtol=rtol)
+            closed.append(block.key())
+        for index, moments in enumerate(engine.moments):
+            assert moments.shift is not None and moments.total is not None
+            np.testing.assert_array_equal(moments.shift.numpy(), shifts[index])
+            assert moments.count == n  # added in the first pass only
+            np.testing.assert_allclose(moments.total.numpy(), exact[index].sum(axis=0), atol=2e-5, rtol=0)
+        engine.finish_pass()
+    # every tile of every pair was accumulated in exactly one pass
+    tiles = [
+        (a, b, layer, layer_b)
+        for a, b, start, stop, b_start, b_stop in closed
+        for layer in range(start, stop)
+        for layer_b in range(b_start, SHAPES[b].n_layers if b_stop is None else b_stop)
+    ]
+    expected_tiles = [
+        (a, b, layer, layer_b)
+        for a, b in itertools.combinations(range(3), 2)
+        for layer in range(SHAPES[a].n_layers)
+        for layer_b in range(SHAPES[b].n_layers)
+    ]
+    assert sorted(tiles) == expected_tiles
+    with pytest.raises(CorrelationError, match=r"^all passes are finished$"):
+        engine.update(batches[1])
+
+
+def test_update_in_small_chunks_equals_one_chunk_and_the_correlations_match_numpy(monkeypatch):
+    """The same batches worked in 3-token chunks (a batch's tokens, the pilot's and a product block's rows) give the
+    results of whole-batch chunks, and both match the NumPy Pearson correlations of the counted tokens."""
+    acts, counted = streamed_activations()
+    config: dict[str, Any] = {
+        "baseline_seed": SEED,
+        "precision": "float32",
+        "top_k": 12,
+        "memory_budget_gb": BUDGETS["layers"],
+    }
+    whole = CorrelationEngine(SHAPES, CorrelationConfig(**config))
+    batches = make_batches(acts, counted, UPDATE_SPLITS)
+    while not whole.done:
+        for batch in batches:
+            whole.update(batch)
+        whole.finish_pass()
+    import precompute.activations
+    import precompute.correlation
+    from precompute.memory import chunk_rows
+
+    def three(n_columns: int, itemsize: int = 8, budget: int = 2**30) -> int:
+        return chunk_rows(n_columns, itemsize, min(budget, 3 * n_columns * itemsize))
+
+    monkeypatch.setattr(precompute.correlation, "chunk_rows", three)
+    monkeypatch.setattr(precompute.activations, "chunk_rows", three)
+    chunked = CorrelationEngine(SHAPES, CorrelationConfig(**config))
+    batches = make_batches(acts, counted, UPDATE_SPLITS)  # no cached chunks of the first run
+    while not chunked.done:
+        for batch in batches:
+            chunked.update(batch)
+        chunked.finish_pass()
+    for key, result in whole.results.items():
+        other = chunked.results[key]
+        np.testing.assert_allclose(other.top_corr.numpy(), result.top_corr.numpy(), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(other.baseline_corr.numpy(), result.baseline_corr.numpy(), atol=1e-6, rtol=0)
+    for x, y in itertools.permutations(range(len(SHAPES)), 2):
+        sx, sy = SHAPES[x], SHAPES[y]
+        corr = pearson(flat(acts, counted, sx), flat(acts, counted, sy))
+        top = chunked.results[(x, y)].top_corr.numpy()[:, : sy.n_neurons]
+        np.testing.assert_allclose(top, -np.sort(-corr, axis=1), atol=2e-6, rtol=0)
+
+
+class _TwoRanks:
+    """Two ranks of one process group, run one after the other in this process: what each rank passes to a
+    collective is recorded in call order (`record`), then each rank's collectives combine its own values with the
+    other rank's records (`combine`), as `ProcessGroup` would with both ranks at once."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, list] = {0: [], 1: []}
+        self.shared: list = []
+
+    def rank(self, rank: int, mode: str) -> _RankView:
+        return _RankView(self, rank, mode)
+
+
+class _RankView(Distributed):
+    world_size = 2
+
+    def __init__(self, ranks: _TwoRanks, rank: int, mode: str) -> None:
+        self.ranks, self.rank, self.mode = ranks, rank, mode
+        self.calls = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _other(self):
+        value = self.ranks.records[1 - self.rank][self.calls]
+        self.calls += 1
+        return value
+
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> None:
+        if self.mode == "record":
+            self.ranks.records[self.rank].append((op, tensor.clone()))
+            return
+        other_op, other = self._other()
+        assert other_op == op and other.shape == tensor.shape
+        other = other.to(tensor.dtype)
+        if op == "sum":
+            tensor.add_(other)
+        else:
+            tensor.copy_(torch.minimum(tensor, other) if op == "min" else torch.maximum(tensor, other))
+
+    def all_reduce_int(self, value: int, op: ReduceOp = "sum") -> int:
+        if self.mode == "record":
+            self.ranks.records[self.rank].append((op, value))
+            return value
+        other_op, other = self._other()
+        assert other_op == op
+        return value + other
+
+    def broadcast_object(self, value: T) -> T:
+        if self.is_main:
+            self.ranks.shared.append(value)
+            return value
+        return self.ranks.shared[-1]
+
+
+def _reduced_pair(acts, counted, splits, rank_rows: int, budget: str, precision: Any = "float64"):
+    """Rank 0 streams the batches of rows [0, rank_rows), rank 1 the rest; both share rank 0's pilot and add their
+    sums in `reduce` before every pass closes. Returns both engines once done."""
+    config = CorrelationConfig(baseline_seed=SEED, precision=precision, top_k=12, memory_budget_gb=BUDGETS[budget])
+    engines = [CorrelationEngine(SHAPES, config), CorrelationEngine(SHAPES, config)]
+    batches = make_batches(acts, counted, splits)
+    mine = [[b for b in batches if b.row_start < rank_rows], [b for b in batches if b.row_start >= rank_rows]]
+    group = _TwoRanks()
+    first = next(b for b in batches if b.n_counted)
+    engines[0].share_pilot(group.rank(0, "record"), first)
+    # rank 1 passes its own first batch: only the main rank's is used
+    engines[1].share_pilot(group.rank(1, "record"), mine[1][0] if mine[1] else None)
+    while not engines[0].done:
+        group.records = {0: [], 1: []}
+        for engine, own in zip(engines, mine, strict=True):
+            for batch in own:
+                engine.update(batch)
+        for rank, engine in enumerate(engines):
+            engine.reduce(group.rank(rank, "record"))
+        for rank, engine in enumerate(engines):
+            engine.reduce(group.rank(rank, "combine"))
+        for engine in engines:
+            engine.finish_pass()
+    assert engines[1].done
+    return engines
+
+
+def _one_process(acts, counted, splits, budget: str, precision: Any = "float64") -> CorrelationEngine:
+    config = CorrelationConfig(baseline_seed=SEED, precision=precision, top_k=12, memory_budget_gb=BUDGETS[budget])
+    engine = CorrelationEngine(SHAPES, config)
+    batches = make_batches(acts, counted, splits)
+    while not engine.done:
+        for batch in batches:
+            engine.update(batch)
+        engine.finish_pass()
+    return engine
+
+
+def _assert_same_engine(got: CorrelationEngine, expected: CorrelationEngine, atol: float) -> None:
+    for key, result in expected.results.items():
+        other = got.results[key]
+        np.testing.assert_allclose(other.top_corr.numpy(), result.top_corr.numpy(), atol=atol, rtol=0)
+        np.testing.assert_allclose(other.baseline_corr.numpy(), result.baseline_corr.numpy(), atol=atol, rtol=0)
+        live = torch.isfinite(result.baseline_corr)
+        assert torch.equal(other.baseline_index[live], result.baseline_index[live])
+    for mine, theirs in zip(got.moments, expected.moments, strict=True):
+        assert mine.count == theirs.count
+        assert mine.shift is not None and theirs.shift is not None and torch.equal(mine.shift, theirs.shift)
+        assert mine.total is not None and theirs.total is not None and mine.squares is not None
+        assert theirs.squares is not None
+        np.testing.assert_allclose(mine.total.numpy(), theirs.total.numpy(), atol=1e-9, rtol=0)
+        np.testing.assert_allclose(mine.squares.numpy(), theirs.squares.numpy(), atol=1e-9, rtol=1e-12)
+    assert set(got.rotated_std) == set(expected.rotated_std)
+    for key, std in expected.rotated_std.items():
+        np.testing.assert_allclose(got.rotated_std[key].numpy(), std.numpy(), atol=1e-9, rtol=1e-12)
+
+
+@pytest.mark.parametrize("budget", ["one", "layers"])
+@pytest.mark.parametrize("rank_rows", [4, 9])
+def test_reduce_over_two_ranks_equals_one_process(budget, rank_rows):
+    """Two ranks splitting the rows (rank 1 with none of them when rank_rows = 9: it adds zeros), in one pass or in
+    several: after `share_pilot` and a `reduce` before each pass closes, both ranks hold one process's results,
+    moments and rotated spreads."""
+    acts, counted = streamed_activations()
+    splits = [1, 2, 4, 6]
+    expected = _one_process(acts, counted, splits, budget)
+    for engine in _reduced_pair(acts, counted, splits, rank_rows, budget):
+        _assert_same_engine(engine, expected, atol=1e-9)
+
+
+def test_a_rank_without_rows_adds_zero_sums_and_nan_squares():
+    """Rank 1 streams nothing: its `reduce` makes zero sums, NaN squares and zero Gram matrices of the accumulator
+    dtype to add, and takes rank 0's count; the pass's Gram matrices only, nothing after the first pass."""
+    acts, counted = streamed_activations()
+    config = CorrelationConfig(baseline_seed=SEED, precision="float64", memory_budget_gb=BUDGETS["layers"])
+    idle = CorrelationEngine(SHAPES, config)
+    busy = CorrelationEngine(SHAPES, config)
+    group = _TwoRanks()
+    busy.share_pilot(group.rank(0, "record"), None)  # no batch on the main rank: no pilot anywhere
+    idle.share_pilot(group.rank(1, "record"), None)
+    assert all(m.shift is None for m in idle.moments + busy.moments)
+    for batch in make_batches(acts, counted, UPDATE_SPLITS):
+        busy.update(batch)
+    idle.reduce(group.rank(1, "record"))
+    for index, (moments, shape) in enumerate(zip(idle.moments, SHAPES, strict=True)):
+        assert moments.total is not None and moments.squares is not None
+        assert moments.total.dtype == moments.squares.dtype == torch.float64
+        assert not moments.total.any() and moments.squares.isnan().all()
+        assert moments.total.shape == moments.squares.shape == (shape.n_neurons,)
+        assert moments.count == 0
+        gathered = {layer for layer in range(shape.n_layers) if idle.gram_passes[(index, layer)] == 0}
+        assert set(moments.gram) == gathered
+        for gram in moments.gram.values():
+            assert gram.dtype == torch.float64 and gram.shape == (shape.d_mlp, shape.d_mlp) and not gram.any()
+    ops = [op for op, _ in group.records[1]]
+    # per model: the count, the sums, then this pass's Gram matrices; then every accumulator
+    expected_ops = []
+    for index, shape in enumerate(SHAPES):
+        expected_ops += ["sum", "sum"] + ["sum"] * sum(
+            idle.gram_passes[(index, layer)] == 0 for layer in range(shape.n_layers)
+        )
+    expected_ops += ["sum"] * len(idle.accumulators)
+    assert ops == expected_ops
+    assert group.records[1][0] == ("sum", 0)  # the first collective: model a's token count
+
+
+def test_reduce_does_nothing_when_the_ranks_split_the_passes():
+    """Several passes and two ranks: each rank makes its own passes over every row, so `reduce` adds nothing."""
+    acts, counted = streamed_activations()
+    config = CorrelationConfig(baseline_seed=SEED, precision="float64", memory_budget_gb=BUDGETS["layers"])
+    engine = CorrelationEngine(SHAPES, config, rank=0, world_size=2)
+    assert engine.ranks_split_passes and engine.n_passes > 1
+    for batch in make_batches(acts, counted, UPDATE_SPLITS):
+        engine.update(batch)
+    before = {block: t.clone() for block, t in engine.accumulators.items()}
+    total = engine.moments[0].total.clone()  # type: ignore[union-attr]
+    group = _TwoRanks()
+    engine.reduce(group.rank(0, "record"))
+    assert group.records[0] == []
+    assert torch.equal(engine.moments[0].total, total)  # type: ignore[arg-type]
+    for block, tensor in engine.accumulators.items():
+        assert torch.equal(tensor, before[block])
+
+
+def test_share_pilot_gives_every_rank_the_main_ranks_first_batch_mean():
+    acts, counted = streamed_activations()
+    batches = make_batches(acts, counted, UPDATE_SPLITS)
+    config = CorrelationConfig(baseline_seed=SEED, precision="float64")
+    main, other = CorrelationEngine(SHAPES, config), CorrelationEngine(SHAPES, config)
+    group = _TwoRanks()
+    main.share_pilot(group.rank(0, "record"), batches[1])
+    other.share_pilot(group.rank(1, "record"), batches[3])  # ignored: not the main rank
+    shifts, _ = shifted_numpy(acts, counted, "float64")
+    for index in range(len(SHAPES)):
+        for engine in (main, other):
+            shift = engine.moments[index].shift
+            assert shift is not None and shift.dtype == torch.float32 and shift.device.type == "cpu"
+            np.testing.assert_array_equal(shift.numpy(), shifts[index])
+    shared = group.shared[-1]
+    assert isinstance(shared, list) and len(shared) == len(SHAPES)
+    # the pilot stays: later batches do not move it
+    for batch in batches:
+        other.update(batch)
+    for index in range(len(SHAPES)):
+        np.testing.assert_array_equal(other.moments[index].shift.numpy(), shifts[index])  # type: ignore[union-attr]
