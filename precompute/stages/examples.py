@@ -482,34 +482,27 @@ class ExamplesStage(Stage):
             for flat in range(block.start, block.stop):
                 key = neuron_key(model_id, d_mlp, flat)
                 local = flat - block_start
-                scales = {kind: codes[kind][0][local] for kind in kinds}
-                for rank in np.flatnonzero(codes["top"][1]["top_"][0][:, local]).tolist():
-                    snippet = codes["top"][1]["top_"][1][rank][local]
-                    yield key | self._snippet(dataset_rows, state, "top_", rank, flat, snippet, scales["top"], "top")
-                for b in range(n_bins if edges is not None else 0):
-                    low = None if b == 0 else float(edges[flat, b - 1])
-                    high = float(state["top_value"][0, flat]) if b == n_bins - 1 else float(edges[flat, b])
-                    fraction = float(state["bin_seen"][b, flat] / max(state["bin_looked"][b], 1))
-                    written, snippets = codes["quantile"][1][f"bin{b}_"]
-                    for rank in np.flatnonzero(written[:, local]).tolist():
-                        extra = {"bin": b, "bin_low": low, "bin_high": high, "bin_fraction": fraction}
-                        yield key | self._snippet(
-                            dataset_rows,
-                            state,
-                            f"bin{b}_",
-                            rank,
-                            flat,
-                            snippets[rank][local],
-                            scales["quantile"],
-                            "quantile",
-                            **extra,
-                        )
-                written, snippets = codes["random"][1]["random_"]
-                for rank in np.flatnonzero(written[:, local]).tolist():
-                    snippet = snippets[rank][local]
-                    yield key | self._snippet(
-                        dataset_rows, state, "random_", rank, flat, snippet, scales["random"], "random"
-                    )
+                for kind, prefixes in kinds.items():  # top, the quantile bins, random: rows of one kind together
+                    headers, slots = codes[kind]
+                    for b, prefix in enumerate(prefixes):
+                        extra = self._bin_columns(state, b, flat) if kind == "quantile" else {}
+                        written, snippets = slots[prefix]
+                        for rank in np.flatnonzero(written[:, local]).tolist():
+                            snippet = snippets[rank][local]
+                            yield key | self._snippet(
+                                dataset_rows, state, prefix, rank, flat, snippet, headers[local], kind, **extra
+                            )
+
+    def _bin_columns(self, state: dict, b: int, flat: int) -> dict[str, Any]:
+        """A quantile bin's columns: its edges (``bin_low`` None for the first bin, open below; ``bin_high`` of the
+        last is the neuron's maximum) and the share of the looked-at tokens that fell in it."""
+        edges, last = state["edges"], len(self.config.quantiles)
+        return {
+            "bin": b,
+            "bin_low": None if b == 0 else float(edges[flat, b - 1]),
+            "bin_high": float(state["top_value"][0, flat]) if b == last else float(edges[flat, b]),
+            "bin_fraction": float(state["bin_seen"][b, flat] / max(state["bin_looked"][b], 1)),
+        }
 
     def _span(self, pos: np.ndarray, ctx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(start, end, first) of snippets peaking at ``pos``: the row's tokens [start, end) around the peak, and
