@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from precompute.correlation import (
+    DEAD_VARIANCE,
     CorrelationConfig,
     CorrelationEngine,
     CorrelationError,
@@ -761,3 +762,21 @@ def test_share_pilot_gives_every_rank_the_main_ranks_first_batch_mean():
         other.update(batch)
     for index in range(len(SHAPES)):
         np.testing.assert_array_equal(other.moments[index].shift.numpy(), shifts[index])  # type: ignore[union-attr]
+
+
+def test_a_neuron_is_dead_by_its_variance_per_token_not_its_sum():
+    """`DEAD_VARIANCE` bounds the variance per counted token: a neuron that moves by 3e-11 (variance about 1e-21 a
+    token, its sum over the tokens above 1e-20) is dead, its correlations undefined; one that moves by 1e-9 is live
+    (round 8: `variance * count` and `variance / count` gave the same dead neurons on the planted models)."""
+    acts, counted = planted_activations("gaussian", SEED)
+    rng = np.random.default_rng(8)
+    c = acts["c"]
+    c[..., 1, 2] = (3e-11 * rng.standard_normal(c.shape[:2])).astype(np.float32)
+    c[..., 0, 0] = (1e-9 * rng.standard_normal(c.shape[:2])).astype(np.float32)
+    tiny = c[..., 1, 2][counted].astype(np.float64)
+    assert tiny.var() < DEAD_VARIANCE < tiny.var() * counted.sum()  # a dead neuron whose sum alone looks live
+    assert c[..., 0, 0][counted].astype(np.float64).var() > DEAD_VARIANCE
+    engine = run(acts, counted, baseline_seed=SEED, precision="float64", top_k=2)
+    assert engine.dead_neurons(2).nonzero().flatten().tolist() == [5]  # c L1.2; c L0.0 (flat 0) is live
+    assert torch.isneginf(engine.results[(2, 0)].top_corr[5]).all()
+    assert torch.isfinite(engine.results[(2, 0)].top_corr[0]).all()
