@@ -780,3 +780,56 @@ def test_a_neuron_is_dead_by_its_variance_per_token_not_its_sum():
     assert engine.dead_neurons(2).nonzero().flatten().tolist() == [5]  # c L1.2; c L0.0 (flat 0) is live
     assert torch.isneginf(engine.results[(2, 0)].top_corr[5]).all()
     assert torch.isfinite(engine.results[(2, 0)].top_corr[0]).all()
+
+
+@pytest.mark.parametrize("n_missing", [1, 2, 5])
+def test_rotations_drawn_ahead_skip_the_kept_ones_and_keep_their_order(monkeypatch, n_missing):
+    """`_rotations_for` with `draw_ahead` (a CUDA run's path, forced on the CPU) and a window of 2 threads, asked
+    for kept and missing rotations mixed: each key gets its own layer's rotation (NumPy's construction), the kept
+    ones are not drawn again, the missing ones are drawn once in the order asked, in worker threads from two
+    missing on (one is drawn where it is used), and every one drawn is kept (one pass keeps rotations)."""
+    import threading
+
+    import precompute.correlation as correlation
+
+    monkeypatch.setattr(correlation, "ROTATION_DRAW_THREADS", 2)
+    engine = CorrelationEngine(SHAPES, CorrelationConfig(baseline_seed=SEED))
+    assert engine.plan.keep_rotations
+    engine.draw_ahead = True
+    keys = [(0, 0), (1, 1), (0, 1), (1, 0), (1, 2), (2, 0)]
+    missing = [(0, 0), (0, 1), (1, 0), (1, 2), (2, 0)][:n_missing]
+    kept = {key: engine._rotation(*key) for key in keys if key not in missing}
+    drawn: list[tuple[tuple[int, int], bool]] = []
+    original = engine._drawn
+
+    def recorded(index: int, layer: int) -> torch.Tensor:
+        drawn.append(((index, layer), threading.current_thread() is threading.main_thread()))
+        return original(index, layer)
+
+    monkeypatch.setattr(engine, "_drawn", recorded)
+    got = list(engine._rotations_for(keys))
+    assert len(got) == len(keys)
+    for key, rotation in zip(keys, got, strict=True):
+        if key in kept:
+            assert rotation is kept[key]
+        expected = layer_rotation(SHAPES[key[0]], key[1], "gaussian", SEED)
+        np.testing.assert_allclose(rotation.double().numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert [key for key, _ in drawn] == missing
+    assert all(on_main == (n_missing < 2) for _, on_main in drawn)
+    assert set(engine._rotations) == set(keys)
+
+
+def test_the_engines_own_budget_is_a_quarter_of_free_host_memory_or_half_the_free_gpu(monkeypatch):
+    """`default_budget_bytes` (the engine on its own: benchmarks, tests), with the memory figures replaced: 1,000
+    available pages of 4 KiB give a quarter of 4,096,000 bytes; 6 GB free of 8 on a GPU give half of 6 GB."""
+    import precompute.correlation as correlation
+
+    sizes = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(correlation.os, "sysconf", lambda name: sizes[name])
+    assert correlation.default_budget_bytes(torch.device("cpu")) == 1_024_000
+    asked: list[torch.device] = []
+    monkeypatch.setattr(
+        correlation.torch.cuda, "mem_get_info", lambda device: asked.append(device) or (6_000_000_000, 8_000_000_000)
+    )
+    assert correlation.default_budget_bytes(torch.device("cuda", 1)) == 3_000_000_000
+    assert asked == [torch.device("cuda", 1)]
