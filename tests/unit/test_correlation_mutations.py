@@ -27,6 +27,8 @@ from precompute.correlation import (
     CorrelationError,
     ModelShape,
     layer_rotation_seed,
+    model_pairs,
+    plan_correlations,
     plan_passes,
     rotation_matrix,
 )
@@ -833,3 +835,43 @@ def test_the_engines_own_budget_is_a_quarter_of_free_host_memory_or_half_the_fre
     )
     assert correlation.default_budget_bytes(torch.device("cuda", 1)) == 3_000_000_000
     assert asked == [torch.device("cuda", 1)]
+
+
+def test_reference_only_pairs_the_first_model_with_each_other_one():
+    """`--reference-only`: the pairs (0, j) only, each in both directions, with the correlations and baselines
+    of the all-pairs run (the same sums; the pair (1, 2) is not accumulated)."""
+    assert model_pairs(4, reference_only=True) == [(0, 1), (0, 2), (0, 3)]
+    assert model_pairs(2, reference_only=True) == [(0, 1)]
+    assert model_pairs(3, reference_only=False) == [(0, 1), (0, 2), (1, 2)]
+    acts, counted = planted_activations("gaussian", SEED)
+    every = run(acts, counted, baseline_seed=SEED, precision="float64", top_k=3)
+    reference = run(acts, counted, baseline_seed=SEED, precision="float64", top_k=3, reference_only=True)
+    assert reference.plan.pairs == [(0, 1), (0, 2)]
+    assert set(reference.results) == {(0, 1), (1, 0), (0, 2), (2, 0)}
+    for key, result in reference.results.items():
+        torch.testing.assert_close(result.top_corr, every.results[key].top_corr, rtol=0, atol=1e-12)
+        assert torch.equal(result.top_index, every.results[key].top_index)
+        torch.testing.assert_close(result.baseline_corr, every.results[key].baseline_corr, rtol=0, atol=1e-12)
+
+
+def test_ranks_split_the_passes_round_robin_and_gather_each_gram_matrix_once_a_rank():
+    """`schedule` and `gram_passes` worked out by hand: 4 single-layer passes of a 4-layer model a against a
+    4-layer b over 2 ranks are 0, 2 and 1, 3; 5 passes over 3 ranks are 0, 3 / 1, 4 / 2. A rank gathers a
+    layer's Gram matrix in the first of its own passes that needs it: b's in its first pass, a's own layers
+    where their blocks are."""
+    shapes = [ModelShape("a", 4, 2), ModelShape("b", 4, 2)]
+    cpu = torch.device("cpu")
+    two = plan_correlations(shapes, CorrelationConfig(), cpu, n_passes=4, ranks=2)
+    assert [[(block.layer_start, block.layer_stop) for block in p] for p in two.passes] == [
+        [(i, i + 1)] for i in range(4)
+    ]
+    assert (two.schedule(0), two.schedule(1), two.schedule()) == ([0, 2], [1, 3], [0, 2])
+    b_layers = {(1, layer): None for layer in range(4)}
+    assert two.gram_passes(0) == {(0, 0): 0, **dict.fromkeys(b_layers, 0), (0, 2): 2}
+    assert two.gram_passes(1) == {(0, 1): 1, **dict.fromkeys(b_layers, 1), (0, 3): 3}
+    assert two.gram_passes() == two.gram_passes(0)
+    five = plan_correlations([ModelShape("a", 5, 2), ModelShape("b", 2, 2)], CorrelationConfig(), cpu, 5, ranks=3)
+    assert [five.schedule(rank) for rank in range(3)] == [[0, 3], [1, 4], [2]]
+    one = plan_correlations(shapes, CorrelationConfig(), cpu, n_passes=4)  # one rank makes every pass
+    assert one.schedule() == [0, 1, 2, 3] and not one.ranks_split_passes
+    assert one.gram_passes() == {(0, 0): 0, **dict.fromkeys(b_layers, 0), (0, 1): 1, (0, 2): 2, (0, 3): 3}
