@@ -13,15 +13,19 @@ import io
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from precompute.activations import ActivationBatch
+from precompute.distributed import Distributed, ReduceOp
 from precompute.published import paper_table
 from precompute.stdlib_corpus import stdlib_documents
 from precompute.training.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
+
+T = TypeVar("T")
 
 TINY = {"n_layers": 2, "d_model": 32, "d_mlp": 64, "n_heads": 2, "ctx": 64}
 
@@ -213,3 +217,57 @@ def make_batches(acts: dict[str, np.ndarray], counted: np.ndarray, splits: list[
             )
         )
     return batches
+
+
+class TwoRanks:
+    """Two ranks of one process group, run one after the other in this process: what each rank passes to a
+    collective is recorded in call order (``view(rank, "record")``), then each rank's collectives combine its own
+    values with the other rank's records (``view(rank, "combine")``), as `ProcessGroup` would with both ranks at
+    once. A new pass starts with fresh ``records``."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, list[tuple[str, Any]]] = {0: [], 1: []}
+        self.shared: list[Any] = []
+
+    def view(self, rank: int, mode: str) -> RankView:
+        return RankView(self, rank, mode)
+
+
+class RankView(Distributed):
+    """One rank of `TwoRanks`: `ProcessGroup`'s three reduce ops only (another name is a KeyError there too)."""
+
+    world_size = 2
+
+    def __init__(self, ranks: TwoRanks, rank: int, mode: str) -> None:
+        self.ranks, self.rank, self.mode, self.calls = ranks, rank, mode, 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _other(self, op: str) -> Any:
+        other_op, value = self.ranks.records[1 - self.rank][self.calls]
+        self.calls += 1
+        assert other_op == op
+        return value
+
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> None:
+        if self.mode == "record":
+            self.ranks.records[self.rank].append((op, tensor.clone()))
+            return
+        other = self._other(op)
+        assert other.shape == tensor.shape and other.dtype == tensor.dtype
+        combine = {"sum": torch.add, "min": torch.minimum, "max": torch.maximum}[op]
+        tensor.copy_(combine(tensor, other))
+
+    def all_reduce_int(self, value: int, op: ReduceOp = "sum") -> int:
+        if self.mode == "record":
+            self.ranks.records[self.rank].append((op, value))
+            return value
+        return value + self._other(op)
+
+    def broadcast_object(self, value: T) -> T:
+        if self.is_main:
+            self.ranks.shared.append(value)
+            return value
+        return self.ranks.shared[-1]

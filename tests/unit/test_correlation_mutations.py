@@ -32,8 +32,7 @@ from precompute.correlation import (
     plan_passes,
     rotation_matrix,
 )
-from precompute.distributed import Distributed, ReduceOp
-from tests.factories import make_batches
+from tests.factories import TwoRanks, make_batches
 
 T = TypeVar("T")
 
@@ -563,62 +562,6 @@ def test_update_in_small_chunks_equals_one_chunk_and_the_correlations_match_nump
         np.testing.assert_allclose(top, -np.sort(-corr, axis=1), atol=2e-6, rtol=0)
 
 
-class _TwoRanks:
-    """Two ranks of one process group, run one after the other in this process: what each rank passes to a
-    collective is recorded in call order (`record`), then each rank's collectives combine its own values with the
-    other rank's records (`combine`), as `ProcessGroup` would with both ranks at once."""
-
-    def __init__(self) -> None:
-        self.records: dict[int, list] = {0: [], 1: []}
-        self.shared: list = []
-
-    def rank(self, rank: int, mode: str) -> _RankView:
-        return _RankView(self, rank, mode)
-
-
-class _RankView(Distributed):
-    world_size = 2
-
-    def __init__(self, ranks: _TwoRanks, rank: int, mode: str) -> None:
-        self.ranks, self.rank, self.mode = ranks, rank, mode
-        self.calls = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def _other(self):
-        value = self.ranks.records[1 - self.rank][self.calls]
-        self.calls += 1
-        return value
-
-    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> None:
-        if self.mode == "record":
-            self.ranks.records[self.rank].append((op, tensor.clone()))
-            return
-        other_op, other = self._other()
-        assert other_op == op and other.shape == tensor.shape
-        other = other.to(tensor.dtype)
-        if op == "sum":
-            tensor.add_(other)
-        else:
-            tensor.copy_(torch.minimum(tensor, other) if op == "min" else torch.maximum(tensor, other))
-
-    def all_reduce_int(self, value: int, op: ReduceOp = "sum") -> int:
-        if self.mode == "record":
-            self.ranks.records[self.rank].append((op, value))
-            return value
-        other_op, other = self._other()
-        assert other_op == op
-        return value + other
-
-    def broadcast_object(self, value: T) -> T:
-        if self.is_main:
-            self.ranks.shared.append(value)
-            return value
-        return self.ranks.shared[-1]
-
-
 def _reduced_pair(acts, counted, splits, rank_rows: int, budget: str, precision: Any = "float64"):
     """Rank 0 streams the batches of rows [0, rank_rows), rank 1 the rest; both share rank 0's pilot and add their
     sums in `reduce` before every pass closes. Returns both engines once done."""
@@ -626,20 +569,20 @@ def _reduced_pair(acts, counted, splits, rank_rows: int, budget: str, precision:
     engines = [CorrelationEngine(SHAPES, config), CorrelationEngine(SHAPES, config)]
     batches = make_batches(acts, counted, splits)
     mine = [[b for b in batches if b.row_start < rank_rows], [b for b in batches if b.row_start >= rank_rows]]
-    group = _TwoRanks()
+    group = TwoRanks()
     first = next(b for b in batches if b.n_counted)
-    engines[0].share_pilot(group.rank(0, "record"), first)
+    engines[0].share_pilot(group.view(0, "record"), first)
     # rank 1 passes its own first batch: only the main rank's is used
-    engines[1].share_pilot(group.rank(1, "record"), mine[1][0] if mine[1] else None)
+    engines[1].share_pilot(group.view(1, "record"), mine[1][0] if mine[1] else None)
     while not engines[0].done:
         group.records = {0: [], 1: []}
         for engine, own in zip(engines, mine, strict=True):
             for batch in own:
                 engine.update(batch)
         for rank, engine in enumerate(engines):
-            engine.reduce(group.rank(rank, "record"))
+            engine.reduce(group.view(rank, "record"))
         for rank, engine in enumerate(engines):
-            engine.reduce(group.rank(rank, "combine"))
+            engine.reduce(group.view(rank, "combine"))
         for engine in engines:
             engine.finish_pass()
     assert engines[1].done
@@ -696,13 +639,13 @@ def test_a_rank_without_rows_adds_zero_sums_and_nan_squares():
     config = CorrelationConfig(baseline_seed=SEED, precision="float64", memory_budget_gb=BUDGETS["layers"])
     idle = CorrelationEngine(SHAPES, config)
     busy = CorrelationEngine(SHAPES, config)
-    group = _TwoRanks()
-    busy.share_pilot(group.rank(0, "record"), None)  # no batch on the main rank: no pilot anywhere
-    idle.share_pilot(group.rank(1, "record"), None)
+    group = TwoRanks()
+    busy.share_pilot(group.view(0, "record"), None)  # no batch on the main rank: no pilot anywhere
+    idle.share_pilot(group.view(1, "record"), None)
     assert all(m.shift is None for m in idle.moments + busy.moments)
     for batch in make_batches(acts, counted, UPDATE_SPLITS):
         busy.update(batch)
-    idle.reduce(group.rank(1, "record"))
+    idle.reduce(group.view(1, "record"))
     for index, (moments, shape) in enumerate(zip(idle.moments, SHAPES, strict=True)):
         assert moments.total is not None and moments.squares is not None
         assert moments.total.dtype == moments.squares.dtype == torch.float64
@@ -735,8 +678,8 @@ def test_reduce_does_nothing_when_the_ranks_split_the_passes():
         engine.update(batch)
     before = {block: t.clone() for block, t in engine.accumulators.items()}
     total = engine.moments[0].total.clone()  # type: ignore[union-attr]
-    group = _TwoRanks()
-    engine.reduce(group.rank(0, "record"))
+    group = TwoRanks()
+    engine.reduce(group.view(0, "record"))
     assert group.records[0] == []
     assert torch.equal(engine.moments[0].total, total)  # type: ignore[arg-type]
     for block, tensor in engine.accumulators.items():
@@ -748,9 +691,9 @@ def test_share_pilot_gives_every_rank_the_main_ranks_first_batch_mean():
     batches = make_batches(acts, counted, UPDATE_SPLITS)
     config = CorrelationConfig(baseline_seed=SEED, precision="float64")
     main, other = CorrelationEngine(SHAPES, config), CorrelationEngine(SHAPES, config)
-    group = _TwoRanks()
-    main.share_pilot(group.rank(0, "record"), batches[1])
-    other.share_pilot(group.rank(1, "record"), batches[3])  # ignored: not the main rank
+    group = TwoRanks()
+    main.share_pilot(group.view(0, "record"), batches[1])
+    other.share_pilot(group.view(1, "record"), batches[3])  # ignored: not the main rank
     shifts, _ = shifted_numpy(acts, counted, "float64")
     for index in range(len(SHAPES)):
         for engine in (main, other):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import itertools
-from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,7 +31,6 @@ import precompute.activations
 import precompute.stages.stats as stats_module
 from precompute.activations import ActivationBatch
 from precompute.data import DatasetConfig, TokenDataset
-from precompute.distributed import Distributed, ReduceOp
 from precompute.memory import Split, chunk_rows
 from precompute.moments import paper_frequency_threshold
 from precompute.stages.stats import StatsStage, token_selection, tracked_token_ids
@@ -45,6 +43,7 @@ from precompute.store import (
     token_kind_code,
 )
 from precompute.weights import NeuronWeights, weight_tables
+from tests.factories import TwoRanks
 
 MODELS = (("m0", 2, 3), ("m1", 3, 4))  # name, layers, d_mlp: 6 and 12 neurons
 ROWS, CTX, VOCAB = 10, 8, 14  # token ids 1..11 occur; 12 and 13 never do
@@ -426,46 +425,6 @@ def assert_same_state(got: StatsStage, expected: StatsStage) -> None:
                 ), (name, key)
             else:
                 assert got.state[name][key].n == value.n and torch.equal(got.state[name][key].sums, value.sums)
-
-
-class TwoRanks:
-    """Two ranks run one after the other: each first records what it passes to its collectives (in call order),
-    then combines its own values with the other rank's records, as both would at once in a `ProcessGroup`."""
-
-    def __init__(self) -> None:
-        self.records: dict[int, list[tuple[str, Any]]] = {0: [], 1: []}
-
-    def view(self, rank: int, mode: str) -> RankView:
-        return RankView(self, rank, mode)
-
-
-class RankView(Distributed):
-    world_size = 2
-
-    def __init__(self, ranks: TwoRanks, rank: int, mode: str) -> None:
-        self.ranks, self.rank, self.mode, self.calls = ranks, rank, mode, 0
-
-    def _other(self, op: str) -> Any:
-        other_op, value = self.ranks.records[1 - self.rank][self.calls]
-        self.calls += 1
-        assert other_op == op
-        return value
-
-    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> None:
-        if self.mode == "record":
-            self.ranks.records[self.rank].append((op, tensor.clone()))
-            return
-        other = self._other(op)
-        assert other.shape == tensor.shape and other.dtype == tensor.dtype
-        ops: dict[str, Callable[..., torch.Tensor]] = {"sum": torch.add, "min": torch.minimum, "max": torch.maximum}
-        combine = ops[op]  # `ProcessGroup`'s ops only: another name is a KeyError there too
-        tensor.copy_(combine(tensor, other))
-
-    def all_reduce_int(self, value: int, op: ReduceOp = "sum") -> int:
-        if self.mode == "record":
-            self.ranks.records[self.rank].append((op, value))
-            return value
-        return value + self._other(op)
 
 
 @pytest.mark.parametrize("passes", [1, 3])
