@@ -11,6 +11,7 @@ import csv
 import functools
 import io
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -231,6 +232,19 @@ class TwoRanks:
 
     def view(self, rank: int, mode: str) -> RankView:
         return RankView(self, rank, mode)
+
+    def run_pass(self, workers: Sequence[Any], shares: Sequence[Sequence[Any]]) -> None:
+        """One pass of two ranks' workers (a stage or an engine): each streams its share of the batches, both
+        reduce (record, then combine, as at once), then each closes the pass."""
+        self.records = {0: [], 1: []}
+        for worker, share in zip(workers, shares, strict=True):
+            for batch in share:
+                worker.update(batch)
+        for mode in ("record", "combine"):
+            for rank, worker in enumerate(workers):
+                worker.reduce(self.view(rank, mode))
+        for worker in workers:
+            worker.finish_pass()
 
 
 class RankView(Distributed):

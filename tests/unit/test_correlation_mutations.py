@@ -575,16 +575,7 @@ def _reduced_pair(acts, counted, splits, rank_rows: int, budget: str, precision:
     # rank 1 passes its own first batch: only the main rank's is used
     engines[1].share_pilot(group.view(1, "record"), mine[1][0] if mine[1] else None)
     while not engines[0].done:
-        group.records = {0: [], 1: []}
-        for engine, own in zip(engines, mine, strict=True):
-            for batch in own:
-                engine.update(batch)
-        for rank, engine in enumerate(engines):
-            engine.reduce(group.view(rank, "record"))
-        for rank, engine in enumerate(engines):
-            engine.reduce(group.view(rank, "combine"))
-        for engine in engines:
-            engine.finish_pass()
+        group.run_pass(engines, mine)
     assert engines[1].done
     return engines
 

@@ -437,16 +437,7 @@ def test_two_ranks_reduced_equal_one_process(passes):
     stages = [StatsStage(context), StatsStage(context)]
     shares = [batches[:2], batches[2:]]
     while not stages[0].done_streaming:
-        group = TwoRanks()
-        for stage, share in zip(stages, shares, strict=True):
-            for batch in share:
-                stage.update(batch)
-        for rank, stage in enumerate(stages):
-            stage.reduce(group.view(rank, "record"))
-        for rank, stage in enumerate(stages):
-            stage.reduce(group.view(rank, "combine"))
-        for stage in stages:
-            stage.finish_pass()
+        TwoRanks().run_pass(stages, shares)
     for stage in stages:
         check_stage(stage, expected)
 
