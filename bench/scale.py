@@ -104,12 +104,22 @@ def build_family(folder: Path, shape: str, n_models: int) -> list[Path]:
 
 
 def run_once(
-    models: list[Path], tokens: int, budget_gb: float | None, limit_gb: float, device: str = "cpu"
+    models: list[Path],
+    tokens: int,
+    budget_gb: float | None,
+    limit_gb: float,
+    device: str = "cpu",
+    keep: Path | None = None,
 ) -> dict[str, Any]:
     """One precompute under the watchdog: the JSON line of its wall time, peak memory, timings and plan (on CUDA
-    the plan is held against the GPU's peak allocation, which the run records, instead of the host's RSS)."""
+    the plan is held against the GPU's peak allocation, which the run records, instead of the host's RSS).
+    ``keep``: a folder where the atlas stays (``scale-TOKENS.db``), its size a neuron in the line."""
     with tempfile.TemporaryDirectory() as folder:
-        db = Path(folder) / "scale.db"
+        db = (keep or Path(folder)) / f"scale-{tokens}.db"
+        if keep:
+            keep.mkdir(parents=True, exist_ok=True)
+            for stale in keep.glob(f"{db.name}*"):  # a kept atlas of an earlier run would be resumed, not made
+                stale.unlink()
         command = [sys.executable, "-m", "cli.main", "precompute", "--db", str(db), "--tokens", str(tokens)]
         command += ["--device", device, "--dataset", "stdlib:all"] if device != "cpu" else []
         command += [str(m) for m in models] + (["--memory-budget-gb", str(budget_gb)] if budget_gb else [])
@@ -130,6 +140,10 @@ def run_once(
             return line
         with sqlite3.connect(db) as conn:
             timings, environment = conn.execute("SELECT timings, environment FROM runs").fetchone()
+            neurons = conn.execute("SELECT COUNT(*) FROM neurons").fetchone()[0]
+        if keep and neurons:
+            line["atlas_bytes"] = db.stat().st_size
+            line["atlas_bytes_per_neuron"] = round(db.stat().st_size / neurons, 1)
     plan = json.loads(environment)["memory_plan"]
     line["timings"] = json.loads(timings)
     line["plan"] = {
@@ -163,8 +177,9 @@ def fit(runs: list[dict[str, Any]], n_neurons: int) -> dict[str, Any]:
         return float(slope), float(fixed)
 
     # The process's CPU seconds when every run recorded them (`pipeline._Clock`): they hold when other work shares
-    # the machine; else the wall clock.
-    clock = "cpu" if all("forward_cpu" in r["timings"] for r in done) else "wall"
+    # the machine; else, and on a GPU (whose work is not the process's CPU time), the wall clock.
+    on_cpu = all(r.get("device", "cpu") == "cpu" and "forward_cpu" in r["timings"] for r in done)
+    clock = "cpu" if on_cpu else "wall"
     names = {key.removesuffix("_cpu") for key in done[0]["timings"]}
 
     def seconds_of(name: str) -> np.ndarray:
@@ -284,6 +299,7 @@ def main() -> None:
     parser.add_argument("--limit-gb", type=float, default=9.0, help="the watchdog kills a run above this")
     parser.add_argument("--family", type=Path, default=Path(tempfile.gettempdir()) / "scale-family")
     parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines to this file")
+    parser.add_argument("--keep", type=Path, default=None, help="keep each run's atlas in this folder")
     parser.add_argument(
         "--device", default="cpu", help="the runs' --device (cuda: stdlib:all tokens, the held-out files are ~1M)"
     )
@@ -304,7 +320,8 @@ def main() -> None:
     models = build_family(args.family, args.shape, args.models)
     runs = []
     for tokens in args.tokens:  # never two at once: one paper-shape run at a time on a shared machine
-        runs.append(run_once(models, tokens, args.budget_gb, args.limit_gb, args.device) | {"shape": args.shape})
+        run = run_once(models, tokens, args.budget_gb, args.limit_gb, args.device, args.keep)
+        runs.append(run | {"shape": args.shape})
         emit(runs[-1])
     dims = SHAPES[args.shape]
     model = fit(runs, dims["n_layers"] * dims["d_mlp"])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from precompute.compare import ComparisonError, RunComparison, compare_runs, parse_spec, resolve_spec
 from precompute.correlation import BASELINES, PRECISIONS, CorrelationConfig, CorrelationError
-from precompute.data import DataError, DatasetConfig
+from precompute.data import CUDA_BATCH_TOKENS, DataError, DatasetConfig, default_batch_rows
 from precompute.distributed import log_prefix, process_group, rank_device
 from precompute.memory import DEFAULT_SHARE
 from precompute.models import ModelLoadError
@@ -106,7 +106,13 @@ def _add_precompute(commands: argparse._SubParsersAction) -> None:
         default=DatasetConfig.max_ctx,
         help="tokens per row when --ctx is not given, unless the models' context is shorter (default %(default)s)",
     )
-    data.add_argument("--batch-size", type=_positive_int, default=DatasetConfig.batch_size, help="rows per batch")
+    data.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help=f"rows per batch, at most (the memory plan may take fewer; default {DatasetConfig.batch_size} on a CPU, "
+        f"{CUDA_BATCH_TOKENS:,} tokens' worth on CUDA)",
+    )
     data.add_argument("--text-field", default="text", help="text field of .jsonl files and HF datasets")
     data.add_argument("--hf-split", default="train", help="split of a Hugging Face dataset")
     data.add_argument("--keep-newlines", action="store_true", help="count newline tokens (the paper skips them)")
@@ -271,7 +277,7 @@ def precompute_config(args: argparse.Namespace) -> PrecomputeConfig:
         tokens=args.tokens,
         ctx=args.ctx,
         max_ctx=args.max_ctx,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or default_batch_rows(args.device, args.ctx or args.max_ctx),
         text_field=args.text_field,
         hf_split=args.hf_split,
         skip_special=not args.keep_special,

@@ -59,6 +59,25 @@ class Tokenizer(TextTokenizer, Protocol):
     def __len__(self) -> int: ...
 
 
+#: Tokens a batch on CUDA unless ``--batch-size`` says otherwise: the correlation engine's bench reaches the GEMMs'
+#: rate at 12,288-token batches on an H100, and a 4,096-token batch (16 rows of 256, the CPU's default) read and
+#: wrote the pair's accumulator three times as often a token (0.23 of the bench inside a default precompute,
+#: docs/performance.md). The memory plan still takes fewer rows when a batch does not fit.
+CUDA_BATCH_TOKENS = 12_288
+
+
+def default_batch_rows(device: str, row_tokens: int) -> int:
+    """Rows a batch when none is asked for: `DatasetConfig.batch_size` on a CPU; on CUDA, `CUDA_BATCH_TOKENS`
+    worth of rows of ``row_tokens`` (an upper bound on the row length: ``--ctx``, else ``--max-ctx``).
+
+    >>> default_batch_rows("cpu", 256), default_batch_rows("cuda", 256), default_batch_rows("cuda:1", 1024)
+    (16, 48, 12)
+    """
+    if device.partition(":")[0] != "cuda":
+        return DatasetConfig.batch_size
+    return max(1, CUDA_BATCH_TOKENS // row_tokens)
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     """Which tokens the precompute reads.

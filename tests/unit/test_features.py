@@ -22,6 +22,7 @@ from precompute.stages.families import (
     grouped_variance_reduction,
     label_neuron,
     position_mutual_information,
+    top_rows,
     variance_reduction,
 )
 
@@ -70,6 +71,28 @@ def test_grouped_variance_reduction_equals_the_direct_one():
 
 
 # --- token features ---------------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 30).flatmap(
+        lambda rows: st.tuples(
+            arrays(
+                np.float64,
+                st.tuples(st.just(rows), st.integers(1, 12)),
+                # few distinct values: ties at the k-th are the case a partition could get wrong
+                elements=st.sampled_from([-np.inf, -1.0, -0.0, 0.0, 0.5, 2.0, np.inf, np.nan]),
+            ),
+            st.integers(1, rows + 2),
+        )
+    )
+)
+def test_top_rows_equals_a_stable_full_sort(values_and_k):
+    values, k = values_and_k
+    expected = np.argsort(-values, axis=0, kind="stable")[:k]
+    np.testing.assert_array_equal(top_rows(values, k), expected)
+    finite = np.nan_to_num(values, nan=-7.0)  # the partition path (NaN takes the full sort)
+    np.testing.assert_array_equal(top_rows(finite, k), np.argsort(-finite, axis=0, kind="stable")[:k])
 
 
 def test_token_features_unigram_alphabet_and_classes():

@@ -464,6 +464,21 @@ def test_options_and_settings_given_with_the_preset_win(tmp_path):
     assert plain.preset is None and plain.analysis == {} and plain.dataset == DatasetConfig()  # defaults unchanged
 
 
+def test_a_cuda_run_reads_batches_of_the_benchs_12288_tokens_unless_told_otherwise(monkeypatch):
+    """On CUDA the default batch is the correlation bench's 12,288 tokens (48 rows of 256; 24 of the paper preset's
+    512), on a CPU 16 rows; an explicit --batch-size wins on both."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the config checks for a device; none is used
+
+    def rows(*argv: str) -> int:
+        return precompute_config(parse_arguments(["precompute", "--db", "a.db", *argv, "a", "b"])).dataset.batch_size
+
+    assert rows() == rows("--device", "cpu") == DatasetConfig.batch_size == 16
+    assert rows("--device", "cuda") == rows("--device", "cuda:1") == 48
+    assert rows("--device", "cuda", "--preset", "paper") == 24
+    assert rows("--device", "cuda", "--ctx", "1024") == 12
+    assert rows("--device", "cuda", "--batch-size", "16") == rows("--batch-size", "5") * 16 // 5 == 16
+
+
 def test_every_preset_option_is_a_precompute_option_and_is_in_the_help():
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command")
