@@ -41,7 +41,7 @@ import torch
 
 from precompute.activations import ActivationBatch, HookKind
 from precompute.distributed import Distributed
-from precompute.memory import CHUNK_BYTES, StageMemory, chunk_bytes, chunk_rows
+from precompute.memory import CHUNK_BYTES, StageMemory, chunk_bytes, chunk_rows, even_slices
 
 logger = logging.getLogger(__name__)
 
@@ -723,8 +723,7 @@ class CorrelationEngine:
         shifts = [m.shift for m in self.moments if m.shift is not None]
         n_all = sum(shape.n_neurons for shape in self.shapes)
         step = chunk_rows(n_all, _operand_bytes(self.precision), self.plan.operand_chunk)
-        for start in range(0, n_tokens, step):
-            tokens = slice(start, min(start + step, n_tokens))
+        for tokens in even_slices(n_tokens, step):
             operands: list[torch.Tensor | ScaledOperand] = []
             for index, (shape, shift) in enumerate(zip(self.shapes, shifts, strict=True)):
                 x = batch.counted_rows(shape.name, "hook_post", tokens).to(self.device, torch.float32).sub_(shift)

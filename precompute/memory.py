@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -64,6 +65,21 @@ def chunk_rows(n_columns: int, itemsize: int = 8, budget: int = CHUNK_BYTES) -> 
     128
     """
     return max(1, budget // max(1, n_columns * itemsize))
+
+
+def even_slices(n: int, most: int) -> list[slice]:
+    """[0, n) in the fewest slices of at most ``most`` items each, as even as they go (sizes differ by one at most).
+
+    A batch a little over one chunk becomes two halves, not a whole chunk and a short tail: on a GPU each chunk of
+    the correlation engine costs a pass over the pair's accumulator whatever its tokens (24,576 tokens a batch with
+    fp8 operands were chunks of 23,301 and 1,275 tokens, and ran at 0.75 of 12,288-token batches on an H200).
+
+    >>> [(s.start, s.stop) for s in even_slices(10, 4)], [(s.start, s.stop) for s in even_slices(8, 8)]
+    ([(0, 3), (3, 6), (6, 10)], [(0, 8)])
+    """
+    count = -(-n // max(1, most))
+    bounds = [n * i // count for i in range(count + 1)] if count else [0]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def chunk_bytes(rows: int, n_columns: int, itemsize: int = 8, budget: int = CHUNK_BYTES) -> int:
@@ -311,6 +327,7 @@ __all__ = [
     "available_bytes",
     "chunk_bytes",
     "chunk_rows",
+    "even_slices",
     "fit_split",
     "map_large_allocations",
     "resident_bytes",

@@ -429,18 +429,21 @@ def shifted_numpy(acts, counted, precision: str) -> tuple[list[np.ndarray], list
 
 
 def fp8_dequantized(values: np.ndarray, counted: np.ndarray) -> np.ndarray:
-    """What the fp8 products see of shifted float32 values [tokens, n]: each 3-token chunk of a batch (`small_chunks`)
-    scaled per neuron so that its largest magnitude is 448, rounded to float8 e4m3 (torch's cast) and scaled back."""
+    """What the fp8 products see of shifted float32 values [tokens, n]: each chunk of a batch (at most 3 tokens,
+    `small_chunks`, the batch cut into the fewest such chunks of sizes within one of each other) scaled per neuron
+    so that its largest magnitude is 448, rounded to float8 e4m3 (torch's cast) and scaled back."""
     out = np.empty(values.shape, dtype=np.float64)
     bounds = [0, *UPDATE_SPLITS, counted.shape[0]]
     start = 0
     for first_row, stop_row in itertools.pairwise(bounds):
         n_batch = int(counted[first_row:stop_row].sum())
-        for chunk in range(start, start + n_batch, 3):
-            part = values[chunk : min(chunk + 3, start + n_batch)]
+        n_chunks = -(-n_batch // 3)
+        for chunk in range(n_chunks):
+            low, high = start + n_batch * chunk // n_chunks, start + n_batch * (chunk + 1) // n_chunks
+            part = values[low:high]
             scale = np.maximum(np.abs(part).max(axis=0), np.finfo(np.float32).tiny).astype(np.float32) / np.float32(448)
             codes = torch.from_numpy((part / scale).astype(np.float32)).to(torch.float8_e4m3fn).double().numpy()
-            out[chunk : chunk + len(part)] = codes * scale.astype(np.float64)
+            out[low:high] = codes * scale.astype(np.float64)
         start += n_batch
     return out
 

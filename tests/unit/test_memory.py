@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from precompute.memory import MemoryBudgetError, MemoryPlan, Split, StageMemory, fit_split
+from precompute.memory import MemoryBudgetError, MemoryPlan, Split, StageMemory, even_slices, fit_split
 
 MIB = 2**20
 
@@ -57,3 +59,13 @@ def test_a_budget_below_the_minimum_is_refused_with_the_minimum():
     ):
         fit_split(pricer(smallest - 1), ["big", "small"], batch_rows=16, max_passes=8)
     assert fit_split(pricer(smallest), ["big", "small"], batch_rows=16, max_passes=8).fits
+
+
+@given(st.integers(0, 5000), st.integers(1, 600))
+def test_even_slices_cover_the_range_in_the_fewest_slices_of_nearly_equal_size(n, most):
+    slices = even_slices(n, most)
+    sizes = [s.stop - s.start for s in slices]
+    assert [s.start for s in slices[1:]] == [s.stop for s in slices[:-1]]  # consecutive
+    assert (slices[0].start if slices else 0) == 0 and sum(sizes) == n
+    assert len(slices) == -(-n // most) and all(0 < size <= most for size in sizes)
+    assert not sizes or max(sizes) - min(sizes) <= 1
