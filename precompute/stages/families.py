@@ -471,6 +471,7 @@ class FamiliesStage(Stage):
         block's sums, a chunk of neurons at a time."""
         state, k = self.state[name], self.config.top_features
         n_features = sum(len(f.names) for f in self.features.values())
+        feature_sets = self.feature_sets()
         step = chunk_rows(n_features, 8 * 8)  # VR and its temporaries, the ranks
         for start in range(block.start, block.stop, step):
             part = slice(start, min(start + step, block.stop))
@@ -483,7 +484,7 @@ class FamiliesStage(Stage):
             state["top_index"][: len(top), part] = top
             state["top_vr"][: len(top), part] = np.take_along_axis(vr, top, axis=0)
             set_array = np.asarray(sets)
-            for s, feature_set in enumerate(self.feature_sets()):
+            for s, feature_set in enumerate(feature_sets):
                 rows = np.flatnonzero(set_array == feature_set)
                 best = rows[np.argmax(vr[rows], axis=0)]
                 state["best_index"][s, part] = best
@@ -521,6 +522,7 @@ class FamiliesStage(Stage):
         kurtosis = state["pre_moments"].kurtosis().cpu().numpy()
         count = self.counts["position"].cpu().numpy()
         alphabet = alphabet_neurons(state["letter_vr"], cfg.alphabet_vr)
+        feature_sets = self.feature_sets()  # once: a pass over every feature (thousands at a GPU run's vocabulary)
         step = chunk_rows(self.ctx, 8 * 6)  # firing rates and the terms of the mutual information
         for start in range(0, self.shapes[name], step):
             part = slice(start, min(start + step, self.shapes[name]))
@@ -528,7 +530,7 @@ class FamiliesStage(Stage):
             for j, flat in enumerate(range(part.start, part.stop)):
                 best = {
                     s: (str(names[state["best_index"][i, flat]]), float(state["best_vr"][i, flat]))
-                    for i, s in enumerate(self.feature_sets())
+                    for i, s in enumerate(feature_sets)
                 }
                 kurt = float(kurtosis[flat])
                 finite_kurt = kurt if np.isfinite(kurt) else float("inf")
