@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +46,7 @@ import torch
 from precompute.activations import ActivationBatch
 from precompute.distributed import Distributed
 from precompute.memory import StageMemory, chunk_bytes, chunk_rows
-from precompute.rows import Row, neuron_key
+from precompute.rows import Row
 from precompute.stage_config import ConfigError, stage_config
 from precompute.stages.base import (
     ModelChoice,
@@ -60,11 +59,13 @@ from precompute.stages.base import (
     selection_bytes,
 )
 from precompute.store import (
+    ARRAY_DTYPES,
     U8_HEADER,
     U8_MISSING,
     WRITE_CHUNK_BYTES,
     blob,
-    example_columns,
+    decode_array,
+    decode_examples,
     example_peaks,
     example_rows,
     examples,
@@ -235,13 +236,17 @@ class ExamplesStage(Stage):
         # tokens with a bin's mask and scores
         blocks = max(chunk_bytes(largest, tokens, 4), chunk_bytes(largest, tokens, 16))
         candidates = n_bins * cfg.per_bin * largest * (4 + 4 + 8)
+        # writing, `ENCODE_BLOCK` neurons at a time: the largest kind's windows in float64 with their masks and the
+        # encoding's temporaries (about 32 bytes a value), and every kind's encoded rows (codes and fields)
+        slots = max(cfg.top, n_bins * cfg.per_bin, cfg.random)
+        written_block = min(ENCODE_BLOCK, largest) * (slots * width * 32 + kept * (width + 64))
         return StageMemory(
             state=sum(m.n_neurons * per_neuron + 8 * n_bins for m in models),
             update=blocks
             + candidates
             + merge
             + selection_bytes(inputs, inputs.dataset.selection("counted", cfg.max_tokens), False),
-            write=WRITE_CHUNK_BYTES,
+            write=WRITE_CHUNK_BYTES + written_block,
         )
 
     def _empty(self, n: int, flat_counted: np.ndarray, ctx: int) -> dict[str, Any]:
@@ -448,61 +453,139 @@ class ExamplesStage(Stage):
         for model in context.models:
             if model.name in self.state:
                 model_id, dataset_rows = context.model_ids[model.name], context.dataset.rows
-                used: set[int] = set()
-                peaks: dict[str, array[Any]] = {n: array("q") for n in ("peak_token", "layer", "neuron", "rank")}
-                peaks["activation"] = array("d")
-                rows = self.example_rows(model.name, model_id, model.d_mlp, dataset_rows)
-                written = context.store.insert_rows(examples, _packed(rows, used, peaks))
+                used: list[np.ndarray] = []
+                peaks: list[dict[str, np.ndarray]] = []
+                written = 0
+                for rows, block_used, block_peaks in self._blocks(model.name, model_id, model.d_mlp, dataset_rows):
+                    written += context.store.insert_columns(examples, rows)
+                    used.append(block_used)
+                    peaks.append(block_peaks)
                 # each row's tokens once, not once per example (issue 11), as narrow as the vocabulary allows
-                itemsize, order = token_itemsize(model.d_vocab), np.array(sorted(used), dtype=np.int64)
+                itemsize, order = token_itemsize(model.d_vocab), np.unique(np.concatenate(used))
                 tokens = [blob(np.ascontiguousarray(dataset_rows[r], dtype=f"<u{itemsize}")) for r in order]
                 columns = {"model_id": model_id, "dataset_row": order, "itemsize": itemsize, "token_ids": tokens}
                 context.store.insert_columns(example_rows, columns)
-                if len(peaks["rank"]):
-                    arrays = {name: np.frombuffer(values, dtype=values.typecode) for name, values in peaks.items()}
-                    context.store.insert_columns(example_peaks, {"model_id": model_id} | arrays)
+                top_peaks = {name: np.concatenate([block[name] for block in peaks]) for name in peaks[0]}
+                if len(top_peaks["rank"]):
+                    context.store.insert_columns(example_peaks, {"model_id": model_id} | top_peaks)
                 logger.info("examples: %d rows (neuron and kind) for %s", written, model.name)
 
     def example_rows(self, name: str, model_id: int, d_mlp: int, dataset_rows: np.ndarray) -> Iterator[Row]:
-        """Every stored example of one model, as ``examples`` rows.
+        """Every stored example of one model, one mapping each: the ``examples`` rows `write` stores, unpacked
+        (the key, ``kind``, the fields `example_columns` takes, with the snippet as ``snippet_codes`` on its
+        row's ``snippet_scale``, and the ``peak_token``), for reading the examples one at a time."""
+        names = ("ranks", "bins", "bin_ranges", "dataset_rows", "starts", "peaks", "activations", "lengths")
+        for rows, _, _ in self._blocks(name, model_id, d_mlp, dataset_rows):
+            for i, kind in enumerate(rows["kind"].tolist()):
+                key = {"model_id": model_id, "layer": int(rows["layer"][i]), "neuron": int(rows["neuron"][i])}
+                snippets = rows["snippets"][i]
+                scale, ends = snippets[: U8_HEADER.size], U8_HEADER.size + np.cumsum(decode_array(rows["lengths"][i]))
+                decoded = decode_examples([rows[column][i] for column in names] + [snippets])
+                for example, end in zip(decoded, ends.tolist(), strict=True):
+                    codes = snippets[end - len(example.pop("activations")) : end]
+                    token = int(dataset_rows[example["dataset_row"], example["start"] + example["peak"]])
+                    yield key | {
+                        "kind": kind,
+                        **example,
+                        "snippet_codes": codes,
+                        "snippet_scale": scale,
+                        "peak_token": token,
+                    }
 
-        The snippets are encoded for a block of neurons at a time (`_block_codes`), vectorised over the block's
-        neurons: each row (a neuron and kind) gets one scale, the range of its snippets' values, and each
-        snippet its uint8 codes on it; `example_columns` joins them (issue 11: encoding each example on its own
-        was 140 s of 146 of the writing for two GPT-2-small-shaped models on a GPU machine)."""
+    def _blocks(
+        self, name: str, model_id: int, d_mlp: int, dataset_rows: np.ndarray
+    ) -> Iterator[tuple[dict[str, Any], np.ndarray, dict[str, np.ndarray]]]:
+        """One model's ``examples`` rows, a block of `ENCODE_BLOCK` neurons at a time: the block's rows as
+        columns, in the order they are inserted (neuron by neuron; top, quantile, random), the dataset rows its
+        examples come from, and its top examples' ``example_peaks`` columns.
+
+        Every column is built for the whole block with NumPy, each row's BLOBs cut from one buffer a column (issue
+        11: one mapping per example and `example_columns` per row was 23 s a GPT-2-small-sized model on a GPU
+        machine, three times the streaming); the bytes are `example_columns`' (tests/unit/test_examples_writer.py
+        holds that writer as the oracle)."""
         state = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in self.state[name].items()}
         n_bins = len(self.config.quantiles) + 1
-        edges = state["edges"]
-        kinds = {"top": ["top_"], "quantile": [f"bin{b}_" for b in range(n_bins if edges is not None else 0)]}
+        kinds = {"top": ["top_"], "quantile": [f"bin{b}_" for b in range(n_bins if state["edges"] is not None else 0)]}
         kinds["random"] = ["random_"]
         n_neurons = self.shapes[name]
         for block_start in range(0, n_neurons, ENCODE_BLOCK):
             block = slice(block_start, min(block_start + ENCODE_BLOCK, n_neurons))
-            codes = {kind: self._block_codes(dataset_rows, state, prefixes, block) for kind, prefixes in kinds.items()}
-            for flat in range(block.start, block.stop):
-                key = neuron_key(model_id, d_mlp, flat)
-                local = flat - block_start
-                for kind, prefixes in kinds.items():  # top, the quantile bins, random: rows of one kind together
-                    headers, slots = codes[kind]
-                    for b, prefix in enumerate(prefixes):
-                        extra = self._bin_columns(state, b, flat) if kind == "quantile" else {}
-                        written, snippets = slots[prefix]
-                        for rank in np.flatnonzero(written[:, local]).tolist():
-                            snippet = snippets[rank][local]
-                            yield key | self._snippet(
-                                dataset_rows, state, prefix, rank, flat, snippet, headers[local], kind, **extra
-                            )
+            parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+            used: list[np.ndarray] = []
+            for kind, prefixes in kinds.items():
+                if prefixes:  # no quantile rows without the pilot's edges
+                    slots = self._slots(state, prefixes, block)
+                    parts.append(self._kind_columns(dataset_rows, state, kind, slots, block))
+                    used.append(slots.row[slots.written])
+                    if kind == "top":  # the search finds examples by their top peaks' tokens
+                        peaks = _top_peaks(dataset_rows, slots, block_start, d_mlp)
+            # rows neuron by neuron, each neuron's kinds in order (as the rows were written one at a time)
+            order = np.argsort(np.concatenate([neurons * len(parts) + k for k, (neurons, _) in enumerate(parts)]))
+            flat = block_start + np.concatenate([neurons for neurons, _ in parts])[order]
+            rows: dict[str, Any] = {"model_id": model_id, "layer": flat // d_mlp, "neuron": flat % d_mlp}
+            rows |= {column: np.concatenate([part[column] for _, part in parts])[order] for column in parts[0][1]}
+            yield rows, np.unique(np.concatenate(used)), peaks
 
-    def _bin_columns(self, state: dict, b: int, flat: int) -> dict[str, Any]:
-        """A quantile bin's columns: its edges (``bin_low`` None for the first bin, open below; ``bin_high`` of the
-        last is the neuron's maximum) and the share of the looked-at tokens that fell in it."""
-        edges, last = state["edges"], len(self.config.quantiles)
-        return {
-            "bin": b,
-            "bin_low": None if b == 0 else float(edges[flat, b - 1]),
-            "bin_high": float(state["top_value"][0, flat]) if b == last else float(edges[flat, b]),
-            "bin_fraction": float(state["bin_seen"][b, flat] / max(state["bin_looked"][b], 1)),
+    def _slots(self, state: dict, prefixes: list[str], block: slice) -> _Slots:
+        """One kind's example slots for the neurons of ``block``, its prefixes' slots one after the other: the
+        (bin, rank) order its rows store them in."""
+        ranks = [np.arange(state[f"{prefix}row"].shape[0]) for prefix in prefixes]
+        return _Slots(
+            written=np.concatenate([self._written(state, prefix, block) for prefix in prefixes]).T,
+            rank=np.concatenate(ranks),
+            bin=np.concatenate([np.full(len(r), b) for b, r in enumerate(ranks)]),  # a top or random slot's is 0
+            row=np.concatenate([state[f"{prefix}row"][:, block] for prefix in prefixes]).T.astype(np.int64),
+            pos=np.concatenate([state[f"{prefix}pos"][:, block] for prefix in prefixes]).T.astype(np.int64),
+            value=np.concatenate([state[f"{prefix}value"][:, block] for prefix in prefixes]).T.astype(np.float64),
+            window=np.concatenate([state[f"{prefix}window"][:, :, block] for prefix in prefixes]).transpose(2, 0, 1),
+        )
+
+    def _kind_columns(
+        self, dataset_rows: np.ndarray, state: dict, kind: str, slots: _Slots, block: slice
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The ``examples`` columns (without the key) of one kind's rows of a block: the block's neurons that have
+        a row (at least one written slot) and their columns, as `example_columns` would encode each row."""
+        neurons = np.flatnonzero(slots.written.any(axis=1))
+        written, counts = slots.written[neurons], slots.written[neurons].sum(axis=1)
+        start, end, first = self._span(slots.pos[neurons], dataset_rows.shape[1])
+        values = slots.value[neurons]
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range is not a float32: inf != value
+            inexact = written & ~((values.astype(np.float32) == values) | np.isnan(values))
+        float_codes = np.where(inexact.any(axis=1), ARRAY_DTYPES.index("<f8"), ARRAY_DTYPES.index("<f4"))
+        if kind == "quantile":
+            n_bins = len(self.config.quantiles) + 1
+            present = (written[:, :, None] & (slots.bin[None, :, None] == np.arange(n_bins))).any(axis=1)
+            ranges = self._bin_columns(state, block)[neurons][present]  # [bins present, 4], neuron by neuron
+            codes = np.full(len(neurons), ARRAY_DTYPES.index("<f8"))
+            bin_ranges = _encoded_runs(ranges.reshape(-1), present.sum(axis=1) * 4, codes)
+        else:
+            bin_ranges = np.full(len(neurons), None, dtype=object)
+        shape = written.shape
+        return neurons, {
+            "kind": np.full(len(neurons), kind, dtype=object),
+            "n_examples": counts,
+            "ranks": _narrow_runs(np.broadcast_to(slots.rank, shape), written),
+            "bins": _narrow_runs(np.broadcast_to(slots.bin, shape), written),
+            "bin_ranges": bin_ranges,
+            "dataset_rows": _narrow_runs(slots.row[neurons], written),
+            "starts": _narrow_runs(start, written),
+            "peaks": _narrow_runs(slots.pos[neurons] - start, written),
+            "activations": _encoded_runs(values[written], counts, float_codes),
+            "lengths": _narrow_runs(end - start, written),
+            "snippets": self._block_codes(slots.window[neurons], written, first, end - start),
         }
+
+    def _bin_columns(self, state: dict, block: slice) -> np.ndarray:
+        """[neurons, bins, 4] of ``block``: each quantile bin's (bin, low, high, share), the ``bin_ranges`` of a
+        row. The first bin's low is NaN (open below), the last one's high the neuron's maximum; the share is that
+        of the looked-at tokens that fell in the bin."""
+        edges = state["edges"][block].astype(np.float64)  # [neurons, quantiles]
+        n, n_bins = edges.shape[0], edges.shape[1] + 1
+        low = np.concatenate([np.full((n, 1), np.nan), edges], axis=1)
+        high = np.concatenate([edges, state["top_value"][0, block].astype(np.float64)[:, None]], axis=1)
+        share = (state["bin_seen"][:, block] / np.maximum(state["bin_looked"], 1)[:, None]).T
+        bins = np.broadcast_to(np.arange(n_bins, dtype=np.float64), (n, n_bins))
+        return np.stack([bins, low, high, share], axis=2)
 
     def _span(self, pos: np.ndarray, ctx: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(start, end, first) of snippets peaking at ``pos``: the row's tokens [start, end) around the peak, and
@@ -521,100 +604,88 @@ class ExamplesStage(Stage):
         present = (row >= 0) & np.isfinite(value) if prefix == "top_" else row >= 0
         return np.logical_and.accumulate(present, axis=0)
 
-    def _block_codes(
-        self, dataset_rows: np.ndarray, state: dict, prefixes: list[str], block: slice
-    ) -> tuple[list[bytes], dict[str, tuple[np.ndarray, list[list[bytes | None]]]]]:
-        """One kind's snippets of every neuron of ``block``, encoded on one scale a neuron (`encode_u8` of the
-        neuron's snippets one after the other gives the same bytes): each neuron's `encode_u8` header, and per slot
-        prefix the written slots [ranks, neurons] and each written snippet's codes (None elsewhere)."""
-        n = block.stop - block.start
-        low, high = np.full(n, np.inf), np.full(n, -np.inf)
-        cut: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = {}
-        for prefix in prefixes:
-            written, cut[prefix] = self._written(state, prefix, block), []
-            for rank in range(written.shape[0]):
-                pos = state[f"{prefix}pos"][rank, block].astype(np.int64)
-                start, end, first = self._span(pos, dataset_rows.shape[1])
-                window = state[f"{prefix}window"][rank, :, block].T.astype(np.float64)  # [neurons, window]
-                offset = np.arange(window.shape[1])
-                inside = (offset >= first[:, None]) & (offset < (first + end - start)[:, None]) & written[rank, :, None]
-                finite = inside & np.isfinite(window)
-                low = np.minimum(low, np.where(finite, window, np.inf).min(axis=1))
-                high = np.maximum(high, np.where(finite, window, -np.inf).max(axis=1))
-                cut[prefix].append((written[rank], window, first, end - start))
-        # as `precompute.store.encode_u8`: a float32 low and step, codes rounded against them, 255 where not finite
+    @staticmethod
+    def _block_codes(window: np.ndarray, written: np.ndarray, first: np.ndarray, length: np.ndarray) -> np.ndarray:
+        """The ``snippets`` of rows [neurons]: each row's snippets (its written slots' windows [neurons, slots,
+        window] cut to [first, first + length)) on one scale, as `precompute.store.encode_u8` of them one after
+        the other: the header (low, step) and the codes."""
+        values = window.astype(np.float64)  # a copy, turned into the codes in place (a third of the time)
+        offset = np.arange(values.shape[2])
+        inside = (offset >= first[:, :, None]) & (offset < (first + length)[:, :, None]) & written[:, :, None]
+        finite = np.isfinite(values)
+        counted = inside & finite
+        low = np.where(counted, values, np.inf).min(axis=(1, 2), initial=np.inf)
+        high = np.where(counted, values, -np.inf).max(axis=(1, 2), initial=-np.inf)
+        # as `encode_u8`: a float32 low and step, codes rounded against them, 255 where not finite
         known = np.isfinite(low)
         low32 = np.where(known, low, 0.0).astype(np.float32)
         step32 = ((np.where(known, high, 0.0) - low32) / (U8_MISSING - 1)).astype(np.float32)
         safe = np.where(step32 > 0, step32, 1.0).astype(np.float64)
-        headers = [U8_HEADER.pack(lo, st) for lo, st in zip(low32.tolist(), step32.tolist(), strict=True)]
-        out: dict[str, tuple[np.ndarray, list[list[bytes | None]]]] = {}
-        for prefix, ranks in cut.items():
-            snippets: list[list[bytes | None]] = []
-            for written, window, first, length in ranks:
-                codes = np.rint((np.where(np.isfinite(window), window, 0.0) - low32[:, None]) / safe[:, None])
-                codes = np.where(np.isfinite(window), np.clip(codes, 0, U8_MISSING - 1), U8_MISSING).astype(np.uint8)
-                row: list[bytes | None] = [None] * n
-                for local in np.flatnonzero(written).tolist():
-                    row[local] = codes[local, first[local] : first[local] + length[local]].tobytes()
-                snippets.append(row)
-            out[prefix] = (np.stack([w for w, *_ in ranks]) if ranks else np.zeros((0, n), dtype=bool), snippets)
-        return headers, out
-
-    def _snippet(
-        self,
-        dataset_rows: np.ndarray,
-        state: dict,
-        prefix: str,
-        rank: int,
-        flat: int,
-        codes: bytes | None,
-        scale: bytes,
-        kind: str,
-        **extra: Any,
-    ) -> Row:
-        """One example's row (without the neuron key) with its snippet's codes on its row's scale (`encode_u8`'s
-        header); ``extra`` fills the bin columns of quantile samples."""
-        row, pos = int(state[f"{prefix}row"][rank, flat]), int(state[f"{prefix}pos"][rank, flat])
-        start = max(0, pos - self.config.before)
-        assert codes is not None  # every written slot was encoded
-        return {
-            "kind": kind,
-            "rank": rank,
-            "bin": 0,
-            "bin_low": None,
-            "bin_high": None,
-            "bin_fraction": None,
-            **extra,
-            "dataset_row": row,
-            "start": start,
-            "peak": pos - start,
-            "activation": float(state[f"{prefix}value"][rank, flat]),
-            "peak_token": int(dataset_rows[row, pos]),
-            "snippet_codes": codes,
-            "snippet_scale": scale,
-        }
+        np.copyto(values, 0.0, where=~finite)
+        values -= low32[:, None, None]
+        values /= safe[:, None, None]
+        codes = np.clip(np.rint(values, out=values), 0, U8_MISSING - 1, out=values).astype(np.uint8)
+        codes[~finite] = U8_MISSING
+        data, sizes = codes[inside].tobytes(), inside.sum(axis=(1, 2))  # neuron by neuron, in (bin, rank) order
+        ends = np.cumsum(sizes)
+        snippets = np.empty(len(sizes), dtype=object)
+        bounds = zip(low32.tolist(), step32.tolist(), (ends - sizes).tolist(), ends.tolist(), strict=True)
+        for i, (lo, st, a, b) in enumerate(bounds):
+            snippets[i] = U8_HEADER.pack(lo, st) + data[a:b]
+        return snippets
 
 
-def _packed(rows: Iterator[Row], used: set[int], peaks: dict[str, array[Any]]) -> Iterator[Row]:
-    """The examples as stored: one row per neuron and kind (`example_columns`), noting the dataset row of each
-    example (the rows whose tokens ``example_rows`` stores) and the top examples' peaks (``example_peaks``)."""
-    group: list[Row] = []
-    for row in rows:
-        if group and (row["layer"], row["neuron"], row["kind"]) != (
-            group[0]["layer"],
-            group[0]["neuron"],
-            group[0]["kind"],
-        ):
-            yield example_columns(group)
-            group = []
-        group.append(row)
-        used.add(row["dataset_row"])
-        if row["kind"] == "top":
-            for name in ("peak_token", "layer", "neuron", "rank", "activation"):
-                peaks[name].append(row[name])
-    if group:
-        yield example_columns(group)
+@dataclass(frozen=True)
+class _Slots:
+    """One kind's example slots of a block of neurons, [neurons, slots] in (bin, rank) order: which are written
+    as examples, the dataset row, position and activation of each, and its window [neurons, slots, window]
+    (float16 as kept); ``rank`` and ``bin`` [slots] are the same for every neuron."""
+
+    written: np.ndarray
+    rank: np.ndarray
+    bin: np.ndarray
+    row: np.ndarray
+    pos: np.ndarray
+    value: np.ndarray
+    window: np.ndarray
+
+
+def _top_peaks(dataset_rows: np.ndarray, top: _Slots, block_start: int, d_mlp: int) -> dict[str, np.ndarray]:
+    """The ``example_peaks`` columns (without the model) of a block's top examples, neuron by neuron."""
+    local, slot = np.nonzero(top.written)
+    flat = block_start + local
+    return {
+        "peak_token": dataset_rows[top.row[top.written], top.pos[top.written]].astype(np.int64),
+        "layer": flat // d_mlp,
+        "neuron": flat % d_mlp,
+        "rank": top.rank[slot],
+        "activation": top.value[top.written],
+    }
+
+
+def _narrow_runs(values: np.ndarray, written: np.ndarray) -> np.ndarray:
+    """`encode_array` of each row's written ``values`` (non-negative integers [rows, slots], every row with at
+    least one), in the narrowest unsigned dtype of the row's largest (`unsigned_dtype`, as `example_columns`)."""
+    largest = np.where(written, values, 0).max(axis=1)
+    codes = (largest >= 1 << 8).astype(np.int64) + (largest >= 1 << 16) + (largest >= 1 << 32)  # <u1 .. <u8
+    return _encoded_runs(values[written], written.sum(axis=1), codes)
+
+
+def _encoded_runs(values: np.ndarray, counts: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """`encode_array` of consecutive runs of ``values`` (a row's ``counts`` values each, one after the other),
+    each in its dtype (``codes``: its index in `ARRAY_DTYPES`): the values are cast once per dtype present and
+    each row's bytes cut from that buffer."""
+    ends = np.cumsum(counts)
+    encoded = np.empty(len(counts), dtype=object)
+    for code in np.unique(codes).tolist():
+        dtype = np.dtype(ARRAY_DTYPES[code])
+        with np.errstate(over="ignore", invalid="ignore"):  # the other rows' values, which need not fit, are not cut
+            data = np.ascontiguousarray(values, dtype=dtype).tobytes()
+        head, rows = bytes([code]), np.flatnonzero(codes == code)
+        a, b = ((ends - counts)[rows] * dtype.itemsize).tolist(), (ends[rows] * dtype.itemsize).tolist()
+        for i, start, stop in zip(rows.tolist(), a, b, strict=True):
+            encoded[i] = head + data[start:stop]
+    return encoded
 
 
 __all__ = ["ExamplesConfig", "ExamplesStage", "gather_windows", "merge_candidates"]
