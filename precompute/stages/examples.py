@@ -663,12 +663,16 @@ def _top_peaks(dataset_rows: np.ndarray, top: _Slots, block_start: int, d_mlp: i
     }
 
 
+#: The `ARRAY_DTYPES` codes of the unsigned dtypes `unsigned_dtype` picks from, narrowest first.
+UNSIGNED_CODES = np.array([ARRAY_DTYPES.index(dtype) for dtype in ("<u1", "<u2", "<u4", "<u8")])
+
+
 def _narrow_runs(values: np.ndarray, written: np.ndarray) -> np.ndarray:
     """`encode_array` of each row's written ``values`` (non-negative integers [rows, slots], every row with at
     least one), in the narrowest unsigned dtype of the row's largest (`unsigned_dtype`, as `example_columns`)."""
     largest = np.where(written, values, 0).max(axis=1)
-    codes = (largest >= 1 << 8).astype(np.int64) + (largest >= 1 << 16) + (largest >= 1 << 32)  # <u1 .. <u8
-    return _encoded_runs(values[written], written.sum(axis=1), codes)
+    width = (largest >= 1 << 8).astype(np.int64) + (largest >= 1 << 16) + (largest >= 1 << 32)  # <u1 .. <u8
+    return _encoded_runs(values[written], written.sum(axis=1), UNSIGNED_CODES[width])
 
 
 def _encoded_runs(values: np.ndarray, counts: np.ndarray, codes: np.ndarray) -> np.ndarray:
