@@ -11,7 +11,9 @@ Three timings on the same synthetic post-GELU activations, in one process:
 - ``all_gemms``: the same plus the within-layer Gram GEMMs the baseline needs: ``fraction_of_all_gemms`` says
   how close the engine is to its own unavoidable matrix work.
 
-Throughput is tokens per second per model pair. Prints one JSON line per configuration.
+Throughput is tokens per second per model pair. Prints one JSON line per configuration. ``--profile N`` adds
+the operators (and on a GPU the kernels) of N profiled engine updates by their own time on the device
+(`profile_engine`).
 
     python bench/correlation.py                      # CPU: the embedded family's shapes
     python bench/correlation.py --device cuda --layers 12 --d-mlp 3072 --tokens 12288   # GPT2-small shapes
@@ -24,6 +26,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -172,6 +175,52 @@ def error_against(
     }
 
 
+#: Operators `profile_engine` reports, the most expensive first.
+PROFILE_TOP = 15
+
+
+def profile_engine(update: Callable[[], None], device: torch.device, n_updates: int) -> dict[str, list[dict]]:
+    """Where ``n_updates`` engine updates spend their time, after one update unprofiled (warm caches): the
+    operators by their own time on the device (their own kernels' time on a GPU; the CPU's time on a CPU), and on a
+    GPU the kernels themselves by their time. Per row its calls and milliseconds per update and its share of the
+    profiled time, the most expensive first (`PROFILE_TOP` of each). An operator's device time is its kernels'
+    time, so operators and kernels are listed apart, each summing to the whole."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    update()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(n_updates):
+            update()
+        synchronize(device)
+
+    def own_time(event: Any) -> float:  # microseconds; the attribute's name depends on the torch version
+        if device.type == "cuda":
+            return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+        return float(event.self_cpu_time_total)
+
+    def table(events: list[Any]) -> list[dict]:
+        events = [event for event in events if own_time(event) > 0]
+        total = sum(own_time(event) for event in events) or 1.0
+        events.sort(key=own_time, reverse=True)
+        return [
+            {
+                "op": event.key,
+                "calls_per_update": round(event.count / n_updates, 2),
+                "ms_per_update": round(own_time(event) / 1e3 / n_updates, 3),
+                "share": round(own_time(event) / total, 4),
+            }
+            for event in events[:PROFILE_TOP]
+        ]
+
+    averages = list(profiler.key_averages())
+    operators = table([event for event in averages if event.device_type == DeviceType.CPU])
+    kernels = table([event for event in averages if event.device_type != DeviceType.CPU])
+    return {"operators": operators, "kernels": kernels}
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     if args.threads:
@@ -204,6 +253,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             functions["paper"] = paper_update(acts, args.layers, args.d_mlp)
             functions["paper_baseline"] = paper_update(acts, args.layers, args.d_mlp, rotate=True)
         seconds = interleaved_medians(functions, device, args.repeats)
+        profiled = profile_engine(functions["engine"], device, args.profile) if args.profile else None
         engine_seconds, ceiling_seconds, all_gemm_seconds = seconds["engine"], seconds["ceiling"], seconds["all_gemms"]
         n_passes = engine.n_passes
         del engine, functions
@@ -235,6 +285,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             result["paper_tokens_per_s_per_pair"] = round(args.tokens / paper_total, 1)
             result["paper_tokens_per_s_per_pair_without_baseline"] = round(args.tokens / paper_seconds, 1)
             result["ratio_to_paper"] = round((pair_tokens / engine_seconds) / (args.tokens / paper_total), 2)
+        if profiled is not None:
+            result["profiled_updates"] = args.profile
+            result.update(profiled)
         if reference is not None:
             result["error_against"] = "float64"
             result.update(error_against(closed_results(shapes, config, batch, device), reference))
@@ -264,6 +317,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-paper", action="store_true", help="skip the (slow) paper-way timing")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile N engine updates (torch.profiler) and report the operators taking most of the device's "
+        "time (the CPU's on a CPU): where the engine's time beyond the bare GEMMs goes",
+    )
     run(parser.parse_args())
 
 

@@ -7,11 +7,14 @@
 #   DEVICE=cpu SMALL=1 bash bench/gpu_session.sh   # the same steps at toy shapes on a CPU (a dry run of the script)
 #
 # STEPS picks the steps and their order (default: "bench models default", plus those the older variables below
-# ask for): gpu-tests (the `slow` CUDA tests), bench, bench5, models, default, tuned, scale. Each has a time limit:
+# ask for): gpu-tests (the `slow` CUDA tests), bench, profile, bench5, models, default, tuned, scale. Each has a
+# time limit:
 #   bench    bench/correlation.py, one pair, at each of BENCH_TOKENS (default 12288) tokens a batch, PRECISIONS
 #            (default bfloat16,fp8,tf32), BENCH_REPEATS rounds; the error against float64 at the first size unless
 #            BENCH_ERROR=0; BENCH_SECONDS in all (200)
-#   bench5   the same with five models, --reference-only (BENCH5_SECONDS)
+#   profile  bench/correlation.py --profile PROFILE_UPDATES (3) at the first of BENCH_TOKENS, PRECISIONS: the CUDA
+#            kernels taking the engine's time, beside its throughput (PROFILE_SECONDS, 120)
+#   bench5   the same as bench with five models, --reference-only (BENCH5_SECONDS); BENCH5_ALL=1: all 10 pairs
 #   default  the whole precompute, default settings, 1M tokens (PRECOMPUTE_SECONDS, 330)
 #   tuned    the correlations alone with the card's memory (TUNED_BUDGET_GB, 60) and 12,288-token batches
 #            (TUNED_SECONDS)
@@ -77,11 +80,28 @@ step_bench() {
     done
 }
 
-step_bench5() {  # five models against the reference: the operands' casts shared by 4 pairs
-    echo "== correlation bench, five models, --reference-only ($(date -u +%T))"
+step_profile() {  # where the engine's time beyond the bare GEMMs goes, kernel by kernel
+    echo "== correlation bench with a profile of ${PROFILE_UPDATES:-3} updates ($(date -u +%T))"
+    timeout "${PROFILE_SECONDS:-120}" "$PY" bench/correlation.py --device "$DEVICE" "${BENCH[@]}" \
+        --tokens "${BENCH_SIZES%% *}" --repeats "${BENCH_REPEATS:-9}" --skip-paper --precision "$PRECISIONS" \
+        --profile "${PROFILE_UPDATES:-3}" 2>/dev/null | tee -a "$OUT/correlation-profile.jsonl" | "$PY" -c '
+import json, sys
+for line in sys.stdin:
+    row = json.loads(line)
+    print(row["precision"], row["engine_tokens_per_s_per_pair"], "of", row["ceiling_tokens_per_s_per_pair"])
+    for kind in ("operators", "kernels"):
+        for op in row.get(kind, []):
+            print("   ", kind[:-1], op["ms_per_update"], "ms", op["share"], op["calls_per_update"], op["op"][:90])
+'
+}
+
+step_bench5() {  # five models against the reference: the operands' casts shared by 4 pairs (all pairs: by 10)
+    local pairs=(--reference-only) name="reference-only"
+    [[ -n "${BENCH5_ALL:-}" ]] && pairs=() && name="all pairs"
+    echo "== correlation bench, five models, $name ($(date -u +%T))"
     timeout "${BENCH5_SECONDS:-60}" "$PY" bench/correlation.py --device "$DEVICE" "${BENCH[@]}" --models 5 \
-        --reference-only --tokens "${BENCH_SIZES%% *}" --repeats "${BENCH_REPEATS:-9}" --skip-paper \
-        --precision "$PRECISIONS" | tee "$OUT/correlation-5.jsonl"
+        "${pairs[@]}" --tokens "${BENCH_SIZES%% *}" --repeats "${BENCH_REPEATS:-9}" --skip-paper \
+        --precision "$PRECISIONS" | tee -a "$OUT/correlation-5.jsonl"
 }
 
 step_models() {

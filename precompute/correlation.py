@@ -242,22 +242,53 @@ class ScaledOperand:
 
     @classmethod
     def quantize(cls, x: torch.Tensor) -> ScaledOperand:
-        """Scale each neuron of ``x`` ([tokens, neurons] float32; divided in place) by its largest magnitude.
+        """Scale each neuron of ``x`` ([tokens, neurons] float32; may be divided in place) by its largest magnitude.
 
         Memory traffic is most of its cost on a GPU: the largest magnitude comes from the column maxima and minima
-        of one reading of ``x`` (`torch.aminmax`; no |x| copy), and the cast to float8 is made in ``x``'s own layout
-        before the neuron-major transpose, so the strided copy moves one byte a value instead of four.
+        of one reading of ``x`` (`torch.aminmax`; no |x| copy); the division writes float8 straight away
+        (`divided_into_fp8`: one reading of ``x``, one byte written a value) in ``x``'s own layout, before the
+        neuron-major transpose, so the strided copy moves one byte a value instead of four; of the padded
+        matrix only the padding is zeroed.
         """
         tokens, n = x.shape
         smallest, largest = torch.aminmax(x, dim=0)
         magnitude = torch.maximum(largest, smallest.neg_())
         scales = magnitude.clamp_min_(torch.finfo(torch.float32).tiny).div_(FP8_MAX)
-        values = torch.zeros(n, -(-tokens // 16) * 16, dtype=torch.float8_e4m3fn, device=x.device)
-        values[:, :tokens] = x.div_(scales).to(torch.float8_e4m3fn).T
+        values = torch.empty(n, -(-tokens // 16) * 16, dtype=torch.float8_e4m3fn, device=x.device)
+        values[:, tokens:] = 0
+        values[:, :tokens] = divided_into_fp8(x, scales).T
         return cls(values, scales.unsqueeze(1))
 
     def columns(self, neurons: slice) -> ScaledOperand:
         return ScaledOperand(self.values[neurons], self.scales[neurons])
+
+
+_DIVIDE_INTO_FP8: dict[str, bool] = {}  # device type -> whether a division writes float8 right (checked once)
+
+
+def divided_into_fp8(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``(x / scales)`` rounded to float8 e4m3, [tokens, n] like ``x`` (float32; ``scales`` [n]).
+
+    One kernel where the device's division can write float8 (``out=``: it divides in float32 and rounds on the
+    store): 5 bytes moved a value instead of 13 for a float32 quotient cast afterwards. The first use on a device
+    type compares it, bit for bit, with that two-step cast on a small sample (the rounding must be the cast's);
+    where it fails or differs, ``x`` is divided in place and cast.
+    """
+    kind = x.device.type
+    if kind not in _DIVIDE_INTO_FP8:
+        sample = torch.linspace(-500.0, 500.0, 4099, device=x.device).reshape(-1, 1) * torch.tensor(
+            [1.0, 1e-3, 7.3e-41], device=x.device
+        )
+        sample_scales = torch.tensor([1.0, 1e-3 / 448, 7.3e-41 / 448], device=x.device)
+        try:
+            fused = torch.div(sample, sample_scales, out=torch.empty_like(sample, dtype=torch.float8_e4m3fn))
+            two_step = (sample / sample_scales).to(torch.float8_e4m3fn)
+            _DIVIDE_INTO_FP8[kind] = bool(torch.equal(fused.view(torch.uint8), two_step.view(torch.uint8)))
+        except (RuntimeError, TypeError, NotImplementedError):
+            _DIVIDE_INTO_FP8[kind] = False
+    if _DIVIDE_INTO_FP8[kind]:
+        return torch.div(x, scales, out=torch.empty_like(x, dtype=torch.float8_e4m3fn))
+    return x.div_(scales).to(torch.float8_e4m3fn)
 
 
 def fp8_matmul_fp32(left: ScaledOperand, right: ScaledOperand, fast_accum: bool = False) -> torch.Tensor:
@@ -417,9 +448,23 @@ def default_budget_bytes(device: torch.device) -> int:
     return int(pages * 0.25)
 
 
-def _operand_bytes(precision: Precision) -> int:
-    """Bytes per activation the engine holds for each chunk of tokens: float32, plus the operand copy."""
-    return 4 + {"float64": 8, "float32": 0, "tf32": 0, "bfloat16": 2, "fp8": 1, "fp8-fast": 1}[precision]
+#: Bytes a value of the products' operands (float32 and TF32 use the float32 copy itself).
+OPERAND_ITEMSIZE: dict[str, int] = {"float64": 8, "float32": 4, "tf32": 4, "bfloat16": 2, "fp8": 1, "fp8-fast": 1}
+
+
+def operand_token_bytes(precision: Precision, shapes: Sequence[ModelShape]) -> int:
+    """Bytes the engine holds a counted token of a chunk (`CorrelationEngine.update`): every model's operand, and
+    the float32 copy it is made from, one model at a time (fp8 also rounds that copy to float8 before transposing
+    it: one byte more).
+
+    >>> operand_token_bytes("bfloat16", [ModelShape("a", 12, 3072), ModelShape("b", 12, 3072)])
+    294912
+    """
+    n_all = sum(shape.n_neurons for shape in shapes)
+    widest = max((shape.n_neurons for shape in shapes), default=0)
+    if precision in ("float32", "tf32"):
+        return 4 * n_all
+    return OPERAND_ITEMSIZE[precision] * n_all + (5 if precision in FP8_PRECISIONS else 4) * widest
 
 
 def operand_chunk_budget(device: torch.device) -> int:
@@ -510,12 +555,14 @@ class CorrelationPlan:
         for a, b in self.pairs:
             for x in (a, b):  # top-k correlations and indices, best rotated unit and its index: 8 bytes each
                 small += self.shapes[x].n_neurons * (2 * self.top_k + 2) * 8
-        n_all = sum(s.n_neurons for s in self.shapes)
-        # every model's operands (padded to 16 tokens for fp8)
-        update = chunk_bytes(batch_tokens + 15, n_all, _operand_bytes(self.precision), self.operand_chunk)
+        # every model's operands (padded to 16 tokens for fp8) and one model's float32 copy
+        token_bytes = operand_token_bytes(self.precision, self.shapes)
+        update = chunk_bytes(batch_tokens + 15, 1, token_bytes, self.operand_chunk)
         if self.precision != "float64":  # products in float32 reach the accumulators a block at a time
+            # (fp8's blocks are as large as the operand budget allows, as in `CorrelationEngine._products`)
+            budget = self.operand_chunk if self.precision in FP8_PRECISIONS else CHUNK_BYTES
             update += max(
-                (chunk_bytes(*b.size(self.shapes), itemsize=4) for p in self.passes for b in p),
+                (chunk_bytes(*b.size(self.shapes), itemsize=4, budget=budget) for p in self.passes for b in p),
                 default=0,
             )
         square = max((s.d_mlp * s.d_mlp * 8 for s in self.shapes), default=0)  # float64
@@ -721,8 +768,7 @@ class CorrelationEngine:
         self._pass_rows += n_tokens
         self._set_pilot(batch)
         shifts = [m.shift for m in self.moments if m.shift is not None]
-        n_all = sum(shape.n_neurons for shape in self.shapes)
-        step = chunk_rows(n_all, _operand_bytes(self.precision), self.plan.operand_chunk)
+        step = chunk_rows(1, operand_token_bytes(self.precision, self.shapes), self.plan.operand_chunk)
         for tokens in even_slices(n_tokens, step):
             operands: list[torch.Tensor | ScaledOperand] = []
             for index, (shape, shift) in enumerate(zip(self.shapes, shifts, strict=True)):

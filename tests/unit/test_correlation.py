@@ -8,16 +8,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from precompute.activations import ActivationBatch
 from precompute.correlation import (
     CUDA_OPERAND_CHUNK_BYTES,
     FP8_MAX,
+    OPERAND_ITEMSIZE,
     CorrelationConfig,
     CorrelationEngine,
     CorrelationError,
     ModelShape,
     ScaledOperand,
+    divided_into_fp8,
     fp8_matmul_fp32,
     layer_rotation_seed,
+    operand_token_bytes,
     plan_correlations,
     rotation_matrix,
 )
@@ -249,6 +253,46 @@ def test_gpu_precisions_agree_with_float64(precision):
         np.testing.assert_allclose(fast.results[key].baseline_corr, result.baseline_corr, atol=tolerance)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@settings(max_examples=40, deadline=None)
+@given(
+    tokens=st.integers(1, 40),
+    n=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+    magnitude=st.sampled_from([1e-38, 1e-3, 1.0, 1e4]),
+)
+def test_fp8_operands_are_the_division_rounded_by_the_cast_bit_for_bit(fused, tokens, n, seed, magnitude):
+    """`ScaledOperand.quantize` is x / scale cast to float8 (`divided_into_fp8`, whether the division writes float8
+    itself or a float32 quotient is cast), transposed neuron-major, the padding zero, bit for bit; x is untouched
+    when the division writes float8."""
+    import precompute.correlation as correlation
+
+    x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(seed)) * magnitude
+    x[0, 0] = 0.0  # a zero, and (n = 1) perhaps a neuron that never fires
+    scales = x.abs().amax(dim=0).clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX
+    expected = torch.zeros(n, -(-tokens // 16) * 16, dtype=torch.float8_e4m3fn)
+    expected[:, :tokens] = (x / scales).to(torch.float8_e4m3fn).T
+    given_x = x.clone()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(correlation._DIVIDE_INTO_FP8, "cpu", fused)
+        operand = ScaledOperand.quantize(given_x)
+    assert torch.equal(operand.values.view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(operand.scales.squeeze(1), scales)
+    if fused:
+        assert torch.equal(given_x, x)
+
+
+def test_the_division_writes_float8_on_this_cpu():
+    """The CPU's division writes float8 (``out=``) exactly as the cast of its float32 quotient: the first use
+    checks it and remembers (so the test above covers the path a GPU takes, not only the fallback)."""
+    import precompute.correlation as correlation
+
+    correlation._DIVIDE_INTO_FP8.pop("cpu", None)
+    x = torch.randn(9, 3)
+    codes = divided_into_fp8(x, torch.ones(3))
+    assert correlation._DIVIDE_INTO_FP8["cpu"] is True and codes.dtype == torch.float8_e4m3fn
+
+
 @pytest.mark.parametrize(("tokens", "padded"), [(37, 48), (300, 304), (16, 16)])
 def test_fp8_operands_round_trip_with_a_scale_per_neuron(tokens, padded):
     """Each neuron's largest magnitude maps to e4m3's largest value; values times scales give the input back to
@@ -322,9 +366,50 @@ def test_cuda_plan_works_a_whole_batch_at_once():
     cpu = plan_correlations(shapes, CorrelationConfig(), torch.device("cpu"), n_passes=1)
     assert cuda.precision == "bfloat16" and cuda.operand_chunk == CUDA_OPERAND_CHUNK_BYTES
     assert cpu.operand_chunk == CHUNK_BYTES
-    n_all = 2 * 12 * 3072
-    assert cuda.memory(12_288).update >= 12_288 * n_all * (4 + 2)
+    n_all, n_model = 2 * 12 * 3072, 12 * 3072
+    # every model's bf16 operand and one model's float32 copy at a time (`operand_token_bytes`)
+    assert cuda.memory(12_288).update >= 12_288 * (n_all * 2 + n_model * 4)
     assert cpu.memory(12_288).update < 12_288 * n_all * 4 / 10
+    # fp8: the float8 operands, one model's float32 copy and its float8 rounding, and the whole float32 product
+    # block that `_products` makes in one GEMM (the plan used to count a `CHUNK_BYTES` block of it)
+    fp8 = plan_correlations(shapes, CorrelationConfig(precision="fp8"), torch.device("cuda"), n_passes=1)
+    assert fp8.memory(12_288).update >= 12_288 * (n_all + n_model * 5) + n_model * n_model * 4
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "fp8", "float64"])
+def test_a_batch_is_cut_by_the_operands_it_holds_at_once(monkeypatch, precision):
+    """Each chunk of a batch costs a pass over the pair's accumulator (fp8 adds a float32 product block), so the
+    chunks are as long as the operand budget allows. The budget counts every model's operand and one model's
+    float32 copy (the copies are made and freed one model at a time): with a budget of exactly that for 24 tokens
+    a batch of 24 is one chunk of 24 tokens a model (the old count, every model's float32 copy at once, made two),
+    and 25 tokens are two even chunks."""
+    import dataclasses
+
+    shapes = [ModelShape(name, 2, 8) for name in "abc"]
+    engine = CorrelationEngine(shapes, CorrelationConfig(precision=precision))
+    budget = 24 * operand_token_bytes(engine.precision, shapes)
+    assert 24 * 3 * 16 * (4 + OPERAND_ITEMSIZE[precision]) > budget  # the old count: two chunks
+    engine.plan = dataclasses.replace(engine.plan, operand_chunk=budget)
+    read: list[int] = []
+    original = ActivationBatch.counted_rows
+
+    def recorded(self, model, hook, tokens, columns=None):
+        rows = original(self, model, hook, tokens, columns)
+        read.append(rows.shape[0])
+        return rows
+
+    monkeypatch.setattr(ActivationBatch, "counted_rows", recorded)
+    rng = np.random.default_rng(0)
+    acts = {shape.name: rng.random((7, 4, 2, 8), dtype=np.float32) for shape in shapes}
+    counted = np.zeros((7, 4), dtype=bool)
+    counted[:6] = True  # 24 tokens, then 25
+    engine.update(make_batches(acts, counted, [])[0])
+    assert read[-3:] == [24, 24, 24]
+    counted[6, 0] = True
+    read.clear()
+    engine.update(make_batches(acts, counted, [])[0])
+    assert read == [12, 12, 12, 13, 13, 13]
+    assert engine.plan.memory(24).update >= budget
 
 
 # --- mutation testing (docs/testing.md): checks that killed mutmut's survivors ---------------------------------
