@@ -6,7 +6,8 @@ context 1,024, with a 50,257-token byte-level BPE trained on the standard librar
 `bench/memory_watchdog.py` (killed above ``--limit-gb``). Its wall time, peak resident memory, the run's own per-stage
 timings and its memory plan make one JSON line (``"bench": "scale"``). Then the cost model (``"scale-fit"``):
 
-- forward passes: seconds per token, model and pass;
+- forward passes: seconds per token, model and pass (a pass runs the models its stages read: the run records them,
+  and the paper's plan counts them with `precompute.pipeline.planned_forwards`);
 - the correlation GEMMs: seconds per token and neuron pair (quadratic in neurons: 2·n_a·n_b FLOPs a token);
 - the streaming of stats, examples and families: seconds per token and model (linear in tokens);
 - writing the tables, and the roles stage: seconds per model (constant in tokens);
@@ -41,7 +42,7 @@ from memory_watchdog import watch  # a sibling script: bench/ is on sys.path whe
 from precompute.correlation import model_pairs
 from precompute.data import DatasetConfig, TokenDataset
 from precompute.memory import DEFAULT_SHARE, GIB, MemoryBudgetError, available_bytes
-from precompute.pipeline import PrecomputeConfig, fit_plan, memory_pricer
+from precompute.pipeline import PrecomputeConfig, fit_plan, memory_pricer, planned_forwards
 
 SHAPES = {
     "small": {"n_layers": 12, "d_model": 768, "d_mlp": 3072, "n_heads": 12},
@@ -144,8 +145,11 @@ def run_once(
         if keep and neurons:
             line["atlas_bytes"] = db.stat().st_size
             line["atlas_bytes_per_neuron"] = round(db.stat().st_size / neurons, 1)
-    plan = json.loads(environment)["memory_plan"]
+    recorded = json.loads(environment)
+    plan = recorded["memory_plan"]
     line["timings"] = json.loads(timings)
+    if "forward_models_by_pass" in recorded:  # the models each pass over the rows ran
+        line["forward_model_passes"] = sum(map(len, recorded["forward_models_by_pass"]))
     line["plan"] = {
         "total_gib": round(plan["total"] / GIB, 3),
         "runtime_gib": round(plan["runtime"] / GIB, 3),
@@ -171,6 +175,11 @@ def fit(runs: list[dict[str, Any]], n_neurons: int) -> dict[str, Any]:
     n_models = done[0]["models"]
     pairs = len(model_pairs(n_models, reference_only=False))
     passes = np.array([max(r["plan"]["split"]["passes"].values(), default=1) for r in done], dtype=np.float64)
+    # the models' forward passes the runs made: recorded by the run (a pass runs the models it reads), else as
+    # runs before that record ran them, every model in every pass
+    model_passes = np.array(
+        [r.get("forward_model_passes", n_models * p) for r, p in zip(done, passes, strict=True)], dtype=np.float64
+    )
 
     def line(values: np.ndarray, x: np.ndarray) -> tuple[float, float]:
         slope, fixed = np.polyfit(x, values, 1)
@@ -187,7 +196,7 @@ def fit(runs: list[dict[str, Any]], n_neurons: int) -> dict[str, Any]:
         return np.array([r["timings"].get(key, 0.0) for r in done], dtype=np.float64)
 
     timings = {name: seconds_of(name) for name in names}
-    forward, forward_fixed = line(timings["forward"], tokens * n_models * passes)
+    forward, forward_fixed = line(timings["forward"], tokens * model_passes)
     correlations, _ = line(timings.get("correlations", 0 * tokens), tokens * pairs * n_neurons**2)
     streamed = {stage: line(timings[stage], tokens * n_models)[0] for stage in STREAMED if stage in timings}
     writes = {key: float(v.mean()) / n_models for key, v in timings.items() if key.endswith("_write")}
@@ -243,11 +252,13 @@ def paper_plan(shape: str, n_models: int, tokens: int, reference_only: bool, bud
     except MemoryBudgetError as exc:
         return {"fits": False, "budget_gib": round(budget / GIB, 2), "error": str(exc)}
     passes = max(plan.split.passes.values(), default=1)
+    forwards = planned_forwards(config, models, dataset, plan.split)  # type: ignore[arg-type]
     return {
         "fits": True,
         "budget_gib": round(budget / GIB, 2),
         "total_gib": round(plan.total / GIB, 2),
         "passes": passes,
+        "forward_model_passes": sum(map(len, forwards)),  # a pass runs only the models its stages read
         "split": plan.split.record(),
     }
 
@@ -260,9 +271,9 @@ def extrapolate(model: dict[str, Any], shape: str, budget: int | None, device: s
     for reference_only in (False, True):
         plan = paper_plan(shape, PAPER["models"], PAPER["tokens"], reference_only, budget)
         pairs = len(model_pairs(PAPER["models"], reference_only))
-        passes = plan.get("passes", 1)
+        model_passes = plan.get("forward_model_passes", PAPER["models"] * plan.get("passes", 1))
         seconds = {
-            "forward": model["forward_seconds_per_token_model_pass"] * PAPER["tokens"] * PAPER["models"] * passes,
+            "forward": model["forward_seconds_per_token_model_pass"] * PAPER["tokens"] * model_passes,
             "correlations": model["correlation_seconds_per_token_neuron_pair"] * PAPER["tokens"] * pairs * n_neurons**2,
             **{
                 stage: slope * PAPER["tokens"] * PAPER["models"]

@@ -530,6 +530,23 @@ class CorrelationPlan:
                     first.setdefault((block.b, layer), index)
         return first
 
+    def models_in_pass(self, index: int, rank: int = 0) -> frozenset[int] | None:
+        """The models whose activations pass ``index`` reads (None: every model): the rank's first pass gathers
+        every model's sums; a later one, the models of its blocks and those whose Gram matrices it gathers. A run
+        in several passes need not run every model's forward pass in each of them.
+
+        >>> plan = plan_correlations([ModelShape(m, 2, 4) for m in "abc"], CorrelationConfig(reference_only=True),
+        ...                          torch.device("cpu"), n_passes=2)
+        >>> [plan.models_in_pass(i) for i in range(2)], sorted(plan.models_in_pass(1) or ())
+        ([None, frozenset({0, 2})], [0, 2])
+        """
+        schedule = self.schedule(rank)
+        if index not in schedule[1:]:
+            return None
+        models = {m for block in self.passes[index] for m in (block.a, block.b)}
+        models.update(m for (m, _), first in self.gram_passes(rank).items() if first == index)
+        return frozenset(models)
+
     def memory(self, batch_tokens: int) -> StageMemory:
         """The engine's memory from the shapes (bytes), moment by moment.
 
@@ -658,6 +675,7 @@ class CorrelationEngine:
         self.accumulator_dtype = plan.accumulator_dtype
         self.pairs = plan.pairs
         self.passes = plan.passes
+        self.rank = rank
         self.schedule = plan.schedule(rank)  # the passes this engine makes, in order
         self.round = 0  # how many of them are done
         self.merged = False  # the ranks' results are merged (`gather`)
@@ -694,6 +712,14 @@ class CorrelationEngine:
     def ranks_split_passes(self) -> bool:
         """Each rank makes its own passes over every row (`CorrelationPlan.ranks_split_passes`)."""
         return self.plan.ranks_split_passes
+
+    def models_in_pass(self) -> frozenset[str] | None:
+        """The names of the models whose activations this pass reads (`CorrelationPlan.models_in_pass`; None:
+        every model, as in the first pass; the empty set once done)."""
+        if self.done:
+            return frozenset()
+        wanted = self.plan.models_in_pass(self.pass_index, self.rank)
+        return None if wanted is None else frozenset(self.shapes[index].name for index in wanted)
 
     @property
     def done(self) -> bool:
@@ -768,23 +794,27 @@ class CorrelationEngine:
         self._pass_rows += n_tokens
         self._set_pilot(batch)
         shifts = [m.shift for m in self.moments if m.shift is not None]
-        step = chunk_rows(1, operand_token_bytes(self.precision, self.shapes), self.plan.operand_chunk)
+        wanted = self.plan.models_in_pass(self.pass_index, self.rank)  # the batch may hold only these
+        shapes = [shape for index, shape in enumerate(self.shapes) if wanted is None or index in wanted]
+        step = chunk_rows(1, operand_token_bytes(self.precision, shapes), self.plan.operand_chunk)
         for tokens in even_slices(n_tokens, step):
-            operands: list[torch.Tensor | ScaledOperand] = []
+            operands: dict[int, torch.Tensor | ScaledOperand] = {}
             for index, (shape, shift) in enumerate(zip(self.shapes, shifts, strict=True)):
+                if wanted is not None and index not in wanted:
+                    continue
                 x = batch.counted_rows(shape.name, "hook_post", tokens).to(self.device, torch.float32).sub_(shift)
                 if self.precision == "float64":  # the sums from the float64 operand, no second copy
                     wide = x.double()
-                    operands.append(wide)
+                    operands[index] = wide
                     if self.round == 0:
                         self._add_sums(index, shape, wide)
                 else:  # from the float32 values, before fp8 scales them in place
                     if self.round == 0:
                         self._add_sums(index, shape, x)
-                    operands.append(self._operand(x))
+                    operands[index] = self._operand(x)
                 del x
-            for index, shape in enumerate(self.shapes):
-                self._update_grams(index, shape, operands[index])
+            for index, operand in operands.items():
+                self._update_grams(index, self.shapes[index], operand)
             for block, accumulator in self.accumulators.items():
                 left = self._columns(operands[block.a], block.rows(self.shapes))
                 right = self._columns(operands[block.b], block.columns(self.shapes))

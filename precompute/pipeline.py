@@ -227,7 +227,7 @@ def memory_pricer(
 
 
 #: The most passes over the rows a plan considers for the neuron-block splits (more are possible, but each pass
-#: runs every model over the whole dataset again).
+#: runs one model or more over the whole dataset again).
 MAX_PASSES = 64
 
 
@@ -286,6 +286,14 @@ def run_precompute(config: PrecomputeConfig, group: Distributed | None = None) -
     # a run that cannot fit is refused here, before the DB exists
     plan = plan_memory(config, models, dataset, world_size=group.world_size)
     logger.info("memory plan (budget %s):\n%s", size_text(plan.budget), plan.table())
+    forwards = planned_forwards(config, models, dataset, plan.split)
+    if len(forwards) > 1:
+        logger.info(
+            "%d passes over the rows run %d models' forward passes in all (%s)",
+            len(forwards),
+            sum(map(len, forwards)),
+            ", ".join(str(len(names)) for names in forwards),
+        )
     store = AtlasStore(config.db)
     try:
         return _run(config, store, models, dataset, plan, group)
@@ -435,11 +443,15 @@ def _record_plan(store: AtlasStore, run_id: int, plan: MemoryPlan, measured_peak
     store.update_run(run_id, environment=environment)
 
 
-def _record_ranks(context: RunContext, stages: Sequence[Stage], group: Distributed) -> None:
-    """Keep in the run's environment record how many ranks streamed it and, when the ranks split a stage's passes
-    between them (`CorrelationStage.passes_by_rank`), which passes each rank made."""
+def _record_streaming(
+    context: RunContext, stages: Sequence[Stage], group: Distributed, forwards: list[list[str]]
+) -> None:
+    """Keep in the run's environment record the models each pass over the rows ran (rank 0's:
+    ``forward_models_by_pass``), how many ranks streamed it and, when the ranks split a stage's passes between
+    them (`CorrelationStage.passes_by_rank`), which passes each rank made."""
     environment = dict(context.store.get_run(context.run_id)["environment"] or {})
     environment.pop("passes_by_rank", None)
+    environment["forward_models_by_pass"] = forwards
     if group.world_size > 1:
         environment["world_size"] = group.world_size
         by_rank = {
@@ -462,8 +474,8 @@ def write_stage(stage: Stage, context: RunContext) -> None:
 
 def _run_stages(context: RunContext, config: PrecomputeConfig, group: Distributed | None = None) -> None:
     group = group or Distributed()
-    stages, seconds = _stream_stages(context, config, checkpoint_path(config.db, context.run_id), group)
-    _record_ranks(context, stages, group)
+    stages, seconds, forwards = _stream_stages(context, config, checkpoint_path(config.db, context.run_id), group)
+    _record_streaming(context, stages, group, forwards)
     while stages:  # each stage is dropped once written: the plan's writing phase counts only the rest
         stage = stages.pop(0)
         clock = _Clock()
@@ -509,6 +521,35 @@ def _batches_after(held: list[ActivationBatch], rest: Iterator[ActivationBatch])
     yield from rest
 
 
+def planned_forwards(
+    config: PrecomputeConfig, models: Sequence[LoadedModel], dataset: TokenDataset, split: Split
+) -> list[list[str]]:
+    """The models each pass over the rows will run, in the run's order (`Stage.models_by_pass`: a pass runs the
+    models its stages read), for one process: what the forward passes cost is the tokens times the sum of their
+    lengths, not times the passes and the models.
+
+    A stage's passes are the run's first ones (every streaming stage starts in the first pass)."""
+    inputs = RunInputs(config=config, models=models, dataset=dataset, split=split)
+    by_stage = [STAGES_BY_NAME[name].models_by_pass(inputs) for name in config.stages]
+    forwards = []
+    for index in range(max(map(len, by_stage), default=0)):
+        wanted = [passes[index] for passes in by_stage if index < len(passes)]
+        names = None if any(w is None for w in wanted) else frozenset[str]().union(*(w for w in wanted if w))
+        forwards.append([m.name for m in models if names is None or m.name in names])
+    return forwards
+
+
+def pass_models(models: Sequence[LoadedModel], active: Sequence[Stage]) -> list[LoadedModel]:
+    """The models whose forward passes a pass over the rows runs: those some active stage reads in its current pass
+    (`Stage.models_in_pass`), in the run's order. A split stage reads one or two models in each pass after its
+    first, so a run split into many passes by its memory budget does not run every model in each of them."""
+    wanted = [stage.models_in_pass() for stage in active]
+    if any(names is None for names in wanted):
+        return list(models)
+    names = frozenset[str]().union(*(names for names in wanted if names is not None))
+    return [model for model in models if model.name in names]
+
+
 def _rank_batches(
     inputs: RunInputs,
     config: PrecomputeConfig,
@@ -538,7 +579,7 @@ def _rank_batches(
         start = (first - group.rank) * rows_per_batch
     kinds: list[HookKind] = sorted(frozenset[HookKind]().union(*(s.hooks for s in active)))
     return stream_batches(
-        inputs.models,
+        pass_models(inputs.models, active),
         inputs.dataset,
         kinds,
         start,
@@ -552,9 +593,10 @@ def _rank_batches(
 
 def _stream_stages(
     inputs: RunInputs, config: PrecomputeConfig, checkpoint: Path, group: Distributed
-) -> tuple[list[Stage], dict[str, float]]:
+) -> tuple[list[Stage], dict[str, float], list[list[str]]]:
     """Build the stages and stream this rank's batches through them until every stage is done, checkpointing
-    (resumed from the checkpoint when it is usable); returns the stages and the seconds each took.
+    (resumed from the checkpoint when it is usable); returns the stages, the seconds each took and the models
+    each pass over the rows ran.
 
     Several ranks take the same steps of every pass: a step of one batch per rank when the rows are dealt out,
     or of one batch when some rank makes a pass of its own over every row (`Stage.reads_every_row`). Once no
@@ -563,10 +605,12 @@ def _stream_stages(
     rows_done, saves = 0, 0  # rows_done: the first row of the next step (every rank's next batch follows it)
     seconds: dict[str, float] = {stage.name: 0.0 for stage in stages}
     seconds["forward"] = 0.0
+    forwards: list[list[str]] = []  # the models each pass ran (`pass_models`), this rank's
     state = _resume_point(checkpoint, inputs, stages, group)
     if state is not None:
         rows_done, saves = state["rows_done"], state.get("saves", 0)
         seconds = state["seconds"]
+        forwards = state.get("forwards", [])
         for stage in stages:
             stage.load_state_dict(state["stages"][stage.name])
         logger.info("resuming from checkpoint at row %s", rows_done)
@@ -589,6 +633,7 @@ def _stream_stages(
             "split": inputs.split.record(),
             "world_size": group.world_size,
             "saves": saves,
+            "forwards": forwards,
             "stages": {stage.name: stage.state_dict() for stage in stages},
         }
         if group.world_size == 1:
@@ -615,6 +660,8 @@ def _stream_stages(
         own_rows = mode == 2
         step = rows_per_batch if own_rows else rows_per_batch * group.world_size  # every rank's batches of a step
         started = _Clock()
+        if rows_done == 0:  # a new pass (a resumed one is on the list already)
+            forwards.append([model.name for model in pass_models(inputs.models, active)] if active else [])
         batches = _rank_batches(inputs, config, active, rows_done, group, every_row=bool(whole), own_rows=own_rows)
         if needs_pilot:  # rank 0's first batch is the dataset's first: every rank's pilot (a shift, bin edges)
             held = [first] if group.is_main and (first := next(batches, None)) is not None else []
@@ -663,4 +710,4 @@ def _stream_stages(
         if group.agree(not streaming or time.monotonic() - last_save > interval):
             interval = save()
             last_save = time.monotonic()
-    return stages, seconds
+    return stages, seconds, forwards

@@ -97,16 +97,46 @@ def split_of(inputs: RunInputs) -> Split:
     return getattr(inputs, "split", None) or Split()
 
 
-def neuron_blocks(n_neurons: int, passes: int) -> list[slice]:
-    """The neurons a splittable stage handles in each of its ``passes`` passes (the last ones may be empty).
+def family_blocks(sizes: Mapping[str, int], passes: int) -> dict[str, list[slice]]:
+    """The neurons a splittable stage handles in each of its ``passes`` passes, per model: the family's neurons in
+    the run's model order cut into ``passes`` nearly equal runs, so that a pass after the first reads one model,
+    or two where its run crosses from one to the next (the blocks of a model outside a pass's run are empty), and
+    needs no other model's forward pass (`Stage.models_in_pass`). Every block of a pass together holds at most
+    ceil(neurons / passes) neurons, as a block of every model did.
 
-    >>> neuron_blocks(10, 3)
-    [slice(0, 4, None), slice(4, 8, None), slice(8, 10, None)]
-    >>> neuron_blocks(2, 3)
-    [slice(0, 1, None), slice(1, 2, None), slice(2, 2, None)]
+    >>> blocks = family_blocks({"a": 4, "b": 4}, 3)
+    >>> [(s.start, s.stop) for s in blocks["a"]], [(s.start, s.stop) for s in blocks["b"]]
+    ([(0, 3), (3, 4), (4, 4)], [(0, 0), (0, 2), (2, 4)])
+    >>> family_blocks({"a": 2}, 3)
+    {'a': [slice(0, 1, None), slice(1, 2, None), slice(2, 2, None)]}
     """
-    step = -(-n_neurons // max(1, passes))
-    return [slice(min(i * step, n_neurons), min((i + 1) * step, n_neurons)) for i in range(max(1, passes))]
+    passes = max(1, passes)
+    step = -(-sum(sizes.values()) // passes)
+    blocks: dict[str, list[slice]] = {}
+    offset = 0
+    for name, n in sizes.items():
+        blocks[name] = [
+            slice(min(max(i * step - offset, 0), n), min(max((i + 1) * step - offset, 0), n)) for i in range(passes)
+        ]
+        offset += n
+    return blocks
+
+
+def block_widths(sizes: Mapping[str, int], passes: int) -> tuple[int, int]:
+    """(the most neurons a pass's blocks hold together, the most one model's block holds) under `family_blocks`:
+    what a splittable stage's memory plan prices.
+
+    >>> block_widths({"a": 4, "b": 4}, 3)
+    (3, 3)
+    """
+    blocks = family_blocks(sizes, passes)
+    widths = [[block.stop - block.start for block in model] for model in blocks.values()]
+    return max(map(sum, zip(*widths, strict=True)), default=0), max(map(max, widths), default=0)
+
+
+def models_with_neurons(blocks: Mapping[str, list[slice]], index: int) -> frozenset[str]:
+    """The models whose block of pass ``index`` is not empty."""
+    return frozenset(name for name, model in blocks.items() if model[index].stop > model[index].start)
 
 
 def selected_batch(batch: ActivationBatch, selection: TokenSelection) -> ActivationBatch:
@@ -163,6 +193,18 @@ class Stage(abc.ABC):
         """Close a pass over the rows; one pass is all a stage needs unless it overrides this."""
         self._done = True
 
+    @classmethod
+    def models_by_pass(cls, inputs: RunInputs) -> list[frozenset[str] | None]:
+        """The names of the models whose activations the stage reads in each of its passes over the rows (None:
+        every model), planned from the inputs (rank 0's, where the ranks split a stage's passes). A pass runs the
+        forward passes of the models some active stage reads, no others (`pipeline.pass_models`): a split stage
+        reads one or two models in each pass after its first (`family_blocks`)."""
+        return [None] if cls.hooks else []
+
+    def models_in_pass(self) -> frozenset[str] | None:
+        """The models whose activations the stage reads in its current pass (`models_by_pass`; None: every model)."""
+        return None
+
     def share_pilot(self, group: Distributed, batch: ActivationBatch | None) -> None:  # noqa: B027 - no pilot
         """Several ranks (`precompute.distributed`), before any batch is folded in: a stage that fixes something
         from the first batch (a shift, bin edges) takes it from the dataset's first batch, rank 0's ``batch``,
@@ -201,8 +243,10 @@ __all__ = [
     "RunSettings",
     "Stage",
     "batch_tokens",
+    "block_widths",
     "chosen_models",
-    "neuron_blocks",
+    "family_blocks",
+    "models_with_neurons",
     "selected_batch",
     "selection_bytes",
     "split_of",

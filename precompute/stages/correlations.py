@@ -95,6 +95,26 @@ class CorrelationStage(Stage):
     def update(self, batch: ActivationBatch) -> None:
         self.engine.update(batch)
 
+    @classmethod
+    def models_by_pass(cls, inputs: RunInputs) -> list[frozenset[str] | None]:
+        """Every model in the first pass (the sums), then the models of each pass's blocks and Gram matrices
+        (`CorrelationPlan.models_in_pass`)."""
+        shapes = model_shapes(inputs.models)
+        plan = plan_correlations(
+            shapes,
+            inputs.config.correlation,
+            torch.device(inputs.config.device),
+            split_of(inputs).passes_for(cls.name),
+        )
+        by_pass: list[frozenset[str] | None] = []
+        for index in range(len(plan.passes)):
+            wanted = plan.models_in_pass(index)
+            by_pass.append(None if wanted is None else frozenset(shapes[m].name for m in wanted))
+        return by_pass
+
+    def models_in_pass(self) -> frozenset[str] | None:
+        return self.engine.models_in_pass()
+
     def share_pilot(self, group: Distributed, batch: ActivationBatch | None) -> None:
         self.engine.share_pilot(group, batch)
 

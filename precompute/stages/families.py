@@ -52,8 +52,10 @@ from precompute.stages.base import (
     RunInputs,
     Stage,
     batch_tokens,
+    block_widths,
     chosen_models,
-    neuron_blocks,
+    family_blocks,
+    models_with_neurons,
     selected_batch,
     selection_bytes,
     split_of,
@@ -274,8 +276,8 @@ class FamiliesStage(Stage):
         }
         self.passes = split_of(inputs).passes_for(self.name)
         self.pass_index = 0
-        self.blocks = {name: neuron_blocks(n, self.passes) for name, n in self.shapes.items()}
-        self.state = {name: self._empty(n) for name, n in self.shapes.items()}
+        self.blocks = family_blocks(self.shapes, self.passes)
+        self.state = {name: self._empty(name, n) for name, n in self.shapes.items()}
 
     @classmethod
     def memory_bytes(cls, inputs: RunInputs) -> StageMemory:
@@ -294,14 +296,15 @@ class FamiliesStage(Stage):
         models = chosen_models(inputs.models, cfg.models)
         passes = split_of(inputs).passes_for(cls.name)
         n_all = sum(m.n_neurons for m in models)
-        block = sum(-(-m.n_neurons // passes) for m in models) * categories * 8  # one block's category sums
+        # one pass's blocks of neurons, every model's together, and the widest of one model (`family_blocks`)
+        widths, widest = block_widths({m.name: m.n_neurons for m in models}, passes)
+        block = widths * categories * 8  # one block's category sums
         # per neuron: firing per position, hook_pre and hook_post power sums, the best features' indices and VR,
         # the VR of each letter's unigram feature
         per_neuron = 8 * dataset.ctx + 2 * StreamingMoments.bytes_for(1) + (cfg.top_features + N_SETS) * 16
         per_neuron += len(LETTERS) * 8
         # the counts per category, each dataset token's context label and the token -> category maps
         shared = 8 * categories + 4 * dataset.rows.size + 2 * 8 * d_vocab
-        widest = max(-(-m.n_neurons // passes) for m in models)
         n_features = categories  # at most one feature per category and variable (an allowance: fewer in practice)
         top = cfg.top_features * max(m.n_neurons for m in models) * 8 * 4  # the feature_scores columns
         return StageMemory(
@@ -311,7 +314,7 @@ class FamiliesStage(Stage):
             write=chunk_bytes(widest, n_features, 8 * 8) + top + WRITE_CHUNK_BYTES,
         )
 
-    def _empty(self, n: int) -> dict[str, Any]:
+    def _empty(self, name: str, n: int) -> dict[str, Any]:
         cfg = self.config
         state: dict[str, Any] = {
             "fire": torch.zeros(self.ctx, n, dtype=torch.float64, device=self.device),
@@ -323,7 +326,7 @@ class FamiliesStage(Stage):
             "best_vr": np.zeros((N_SETS, n)),
             "letter_vr": np.zeros((len(LETTERS), n)),  # VR of token:a ... token:z (0: no such feature)
         }
-        return state | self._empty_sums(n, neuron_blocks(n, self.passes)[self.pass_index])
+        return state | self._empty_sums(n, self.blocks[name][self.pass_index])
 
     def _empty_sums(self, n: int, block: slice) -> dict[str, torch.Tensor]:
         """The activation sums of this pass's block of neurons in every category of every variable (float64)."""
@@ -389,10 +392,29 @@ class FamiliesStage(Stage):
                 state["pre_moments"].update(batch.n_counted, batch.power_sums(name, "hook_pre"))
                 state["post_moments"].update(batch.n_counted, batch.power_sums(name, "hook_post"))
                 state["fire"] += batch.firing_by_position(name)
-            for rows, x in batch.counted_chunks(name, "hook_post", columns=self.blocks[name][self.pass_index]):
+            block = self.blocks[name][self.pass_index]
+            if block.stop <= block.start:  # none of this model's neurons in this pass: it may not have run
+                continue
+            for rows, x in batch.counted_chunks(name, "hook_post", columns=block):
                 x64 = x.double()
                 for var, ids in cats.items():
                     state[f"{var}_sum"].index_add_(0, ids[rows], x64)
+
+    @classmethod
+    def models_by_pass(cls, inputs: RunInputs) -> list[frozenset[str] | None]:
+        """The chosen models in the first pass (moments, firing), then those of each pass's block (`family_blocks`)."""
+        cfg = stage_config(FamiliesConfig, inputs.config.analysis.get(cls.name), cls.name)
+        sizes = {m.name: m.n_neurons for m in chosen_models(inputs.models, cfg.models)}
+        passes = max(1, split_of(inputs).passes_for(cls.name))
+        blocks = family_blocks(sizes, passes)
+        return [frozenset(sizes), *(models_with_neurons(blocks, index) for index in range(1, passes))]
+
+    def models_in_pass(self) -> frozenset[str] | None:
+        if self._done:
+            return frozenset()
+        if self.pass_index == 0:
+            return frozenset(self.shapes)
+        return models_with_neurons(self.blocks, self.pass_index)
 
     def reduce(self, group: Distributed) -> None:
         """Add up the ranks' sums: in pass 0 the category counts, power sums and firing counts; in every pass

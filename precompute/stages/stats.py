@@ -56,7 +56,9 @@ from precompute.stages.base import (
     RunInputs,
     Stage,
     batch_tokens,
-    neuron_blocks,
+    block_widths,
+    family_blocks,
+    models_with_neurons,
     selected_batch,
     selection_bytes,
     split_of,
@@ -190,7 +192,7 @@ class StatsStage(Stage):
         self.shapes = {m.name: m.n_neurons for m in inputs.models}
         self.passes = split_of(inputs).passes_for(self.name)
         self.pass_index = 0
-        self.blocks = {name: neuron_blocks(n, self.passes) for name, n in self.shapes.items()}
+        self.blocks = family_blocks(self.shapes, self.passes)
         self.top_k = min(self.config.token_top_k, len(self.tracked))
         self.state: dict[str, dict[str, Any]] = {name: self._empty(n) for name, n in self.shapes.items()}
         self.shared: dict[str, Any] = {
@@ -212,7 +214,8 @@ class StatsStage(Stage):
         per_neuron += len(TOKEN_KINDS) * k * (8 + 8)
         shared = 8 * (ctx + 2 * tracked + vocab_size(inputs))  # counts per position and token, slots, tracked ids
         n_all = sum(m.n_neurons for m in inputs.models)
-        widths = sum(-(-m.n_neurons // passes) for m in inputs.models)  # one block's neurons, every model
+        # one pass's blocks of neurons, every model's together, and the widest of one model (`family_blocks`)
+        widths, widest = block_widths({m.name: m.n_neurons for m in inputs.models}, passes)
         block = widths * tracked  # one block's token sums and maxima
         positions = widths * 2 * 2 * ctx * 8  # one block's per-position sums and sums of squares, both hooks
         largest, tokens = max(m.n_neurons for m in inputs.models), batch_tokens(inputs)
@@ -221,11 +224,11 @@ class StatsStage(Stage):
         write += 4 * largest * 8 + 2 * ctx * WRITE_CHUNK_ROWS * 8 + WRITE_CHUNK_BYTES  # percentiles; profile chunk
         return StageMemory(
             state=shared + n_all * per_neuron + block * 12 + positions,
-            update=max(chunk_bytes(tokens, largest, 12), chunk_bytes(tokens, -(-largest // passes), 12))
+            update=max(chunk_bytes(tokens, largest, 12), chunk_bytes(tokens, widest, 12))
             + hist
             + selection_bytes(inputs, token_selection(inputs, config), firing=True),
             # means, their masked copy, the maxima in float64; or a position block's mean and variance
-            finish=max(3 * block * 8, 3 * max(-(-m.n_neurons // passes) for m in inputs.models) * ctx * 8),
+            finish=max(3 * block * 8, 3 * widest * ctx * 8),
             written=shared + n_all * per_neuron,
             write=write,
         )
@@ -277,6 +280,8 @@ class StatsStage(Stage):
         positions = batch.counted_positions
         for name, block in self.token_block.items():
             columns = self.blocks[name][self.pass_index]
+            if columns.stop <= columns.start:  # none of this model's neurons in this pass: it may not have run
+                continue
             for hook, kind in HOOKS:
                 for rows, x in batch.counted_chunks(name, kind, itemsize=12, columns=columns):
                     x64 = x.double()
@@ -287,6 +292,18 @@ class StatsStage(Stage):
                 x = x if all_tracked else x[tracked[rows]]
                 block["sum"].index_add_(0, slot, x.double())
                 block["max"].scatter_reduce_(0, slot.unsqueeze(1).expand_as(x), x, "amax")
+
+    @classmethod
+    def models_by_pass(cls, inputs: RunInputs) -> list[frozenset[str] | None]:
+        """Every model in the first pass (the statistics), then the models of each pass's block (`family_blocks`)."""
+        passes = max(1, split_of(inputs).passes_for(cls.name))
+        blocks = family_blocks({m.name: m.n_neurons for m in inputs.models}, passes)
+        return [None, *(models_with_neurons(blocks, index) for index in range(1, passes))]
+
+    def models_in_pass(self) -> frozenset[str] | None:
+        if self._done:
+            return frozenset()
+        return None if self.pass_index == 0 else models_with_neurons(self.blocks, self.pass_index)
 
     def _update_statistics(self, batch: ActivationBatch, slots: torch.Tensor, tracked: torch.Tensor) -> None:
         """Everything but the token tables: moments, extremes, histograms, position profiles, frequencies."""

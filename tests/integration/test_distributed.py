@@ -210,6 +210,47 @@ def test_split_passes_reduce_each_pass_once(models, tmp_path, monkeypatch):
     assert best_matches(db) == best_matches(reference)
 
 
+def test_a_split_pass_runs_only_the_models_it_reads(tiny_family, tmp_path, monkeypatch):
+    """One process, three models, each splittable stage in three passes: the first pass runs every model; a later
+    one only the models of its correlation blocks and Gram matrices and of the stats' and families' blocks (the
+    family's neurons cut in three runs: model 1's, then model 2's), and the atlas is the one-pass run's."""
+    from cli.main import parse_arguments, precompute_config
+    from precompute import activations, pipeline
+    from precompute.memory import Split
+
+    models = [str(tiny_family[name]) for name in ("base", "permuted", "other")]
+    args = ["precompute", "--tokens", "1200", "--batch-size", "4", "--stages", "correlations,stats,families", *models]
+    reference, db = tmp_path / "one.db", tmp_path / "split.db"
+    ran: list[list[str]] = []
+    stream = activations.stream_batches
+
+    def recorded(models, *rest, **options):
+        ran.append([model.name for model in models])
+        return stream(models, *rest, **options)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "stream_batches", recorded)
+        assert main([*args, "--db", str(reference)]) == 0
+        assert len(ran) == 1 and len(ran[0]) == 3
+        ran.clear()
+        split = Split(dict.fromkeys(["correlations", "stats", "families"], 3))
+        patch.setattr(pipeline, "fit_split", lambda price, *_: price(split))
+        assert main([*args, "--db", str(db)]) == 0
+    names = ran[0]
+    assert len(ran) == 3 and len(names) == 3
+    # correlation pass 1 is pair (0, 2) with model 2's Gram matrices, pass 2 pair (1, 2) (`pack_into_passes`);
+    # the stats' and families' second block is model 1's, the third model 2's
+    assert ran[1:] == [names, [names[1], names[2]]]
+    assert sum(map(len, ran)) == 8  # not 9
+    with sqlite3.connect(db) as conn:
+        environment = json.loads(conn.execute("SELECT environment FROM runs").fetchone()[0])
+    assert environment["forward_models_by_pass"] == ran  # the run's record, and the plan's before it ran
+    config = precompute_config(parse_arguments([*args, "--db", str(db)]))
+    assert pipeline.planned_forwards(config, *pipeline.prepare(config), split) == ran
+    assert_same_atlas(db, reference)
+    assert best_matches(db) == best_matches(reference)
+
+
 PASSES_SCRIPT = """
 import json
 import os

@@ -33,6 +33,7 @@ from precompute.activations import ActivationBatch
 from precompute.data import DatasetConfig, TokenDataset
 from precompute.memory import Split, chunk_rows
 from precompute.moments import paper_frequency_threshold
+from precompute.stages.base import family_blocks
 from precompute.stages.stats import StatsStage, token_selection, tracked_token_ids
 from precompute.store import (
     AtlasStore,
@@ -651,12 +652,18 @@ def test_state_and_block_dtypes_and_shapes():
     float32 extremes and closed position profiles; this pass's block of sums and maxima of its neurons only."""
     context, data = build(COUNTED, passes=3)
     stage = StatsStage(context)
+    assert stage.models_in_pass() is None  # the first pass's statistics read every model
     for batch in batches_of(data):
         stage.update(batch)
     tracked = len(stage.tracked)
+    # the family's 18 neurons in 3 runs of 6 (`family_blocks`): m0's 6, then m1's first 6, then its last 6
+    blocks = family_blocks({name: layers * d for name, layers, d in MODELS}, 3)
+    assert [(b.start, b.stop) for b in blocks["m0"]] == [(0, 6), (6, 6), (6, 6)]
+    assert [(b.start, b.stop) for b in blocks["m1"]] == [(0, 0), (0, 6), (6, 12)]
+    assert stage.blocks == blocks
     for name, layers, d in MODELS:
         n, state, block = layers * d, stage.state[name], stage.token_block[name]
-        width = -(-n // 3)
+        width = blocks[name][0].stop - blocks[name][0].start
         assert (state["frequency"].dtype, state["frequency"].shape) == (torch.float64, (n,))
         assert (state["frequency_paper"].dtype, state["frequency_paper"].shape) == (torch.int64, (n,))
         for kind in ("mean_activation", "max_activation"):
@@ -676,8 +683,9 @@ def test_state_and_block_dtypes_and_shapes():
     assert stage.slot.dtype == torch.int64 and stage.slot.shape == (VOCAB,)
     assert (stage.slot[stage.tracked] == torch.arange(tracked)).all() and (stage.slot >= 0).sum() == tracked
     stage.finish_pass()
-    for name, layers, d in MODELS:  # the second block: the next neurons, the first block's profile closed
-        n, width = layers * d, -(-layers * d // 3)
-        assert stage.token_block[name]["sum"].shape == (tracked, min(width, n - width))
-        assert not stage.state[name]["post_position_mean"][1:-1, :width].isnan().any()
-        assert stage.state[name]["post_position_mean"][:, width:].isnan().all()
+    assert stage.models_in_pass() == {"m1"}  # the second block is m1's alone: m0 need not run
+    for name, _layers, _d in MODELS:  # the second block: the next neurons, the first block's profile closed
+        first, second = blocks[name][0], blocks[name][1]
+        assert stage.token_block[name]["sum"].shape == (tracked, second.stop - second.start)
+        assert not stage.state[name]["post_position_mean"][1:-1, first].isnan().any()
+        assert stage.state[name]["post_position_mean"][:, first.stop :].isnan().all()
