@@ -490,6 +490,22 @@ def _run_stages(context: RunContext, config: PrecomputeConfig, group: Distribute
         context.store.record_timing(context.run_id, name, seconds.get(name, 0.0))
 
 
+#: How the split stats and families stages cut their neurons into passes (`precompute.stages.base.family_blocks`),
+#: kept in the checkpoint: before it every pass held a block of every model ("per-model"), and such a checkpoint's
+#: blocks are not this code's.
+BLOCK_LAYOUT = "family-order"
+
+
+def _same_blocks(state: dict, split: Split) -> bool:
+    """The checkpoint's stats and families blocks are this code's: the same layout, or one pass (no blocks)."""
+    if state.get("blocks", "per-model") == BLOCK_LAYOUT:
+        return True
+    if split.passes_for("stats") <= 1 and split.passes_for("families") <= 1:
+        return True
+    logger.warning("the checkpoint's neuron blocks were cut by an older version: streaming from the start")
+    return False
+
+
 def _resume_point(path: Path, inputs: RunInputs, stages: Sequence[Stage], group: Distributed) -> dict | None:
     """The checkpoint to resume from, or None: it must be of these stages, dataset and split, and in a
     distributed run every rank's must be from the same save by as many ranks (the files are replaced together,
@@ -503,6 +519,7 @@ def _resume_point(path: Path, inputs: RunInputs, stages: Sequence[Stage], group:
             and state["dataset"] == inputs.dataset.fingerprint()
             and state.get("split", inputs.split.record()) == inputs.split.record()
             and state.get("world_size", 1) == group.world_size
+            and _same_blocks(state, inputs.split)
         )
         state = state if usable else None
     moment = None if state is None else (state["rows_done"], state.get("saves", 0))
@@ -634,6 +651,7 @@ def _stream_stages(
             "world_size": group.world_size,
             "saves": saves,
             "forwards": forwards,
+            "blocks": BLOCK_LAYOUT,
             "stages": {stage.name: stage.state_dict() for stage in stages},
         }
         if group.world_size == 1:

@@ -122,6 +122,31 @@ def family_blocks(sizes: Mapping[str, int], passes: int) -> dict[str, list[slice
     return blocks
 
 
+def in_block_order(inputs: RunInputs, sizes: Mapping[str, int]) -> dict[str, int]:
+    """``sizes`` (model name -> neurons) in the order a splittable stage's passes take the models (`block_order`),
+    for `family_blocks`."""
+    return {name: sizes[name] for name in block_order(inputs, list(sizes))}
+
+
+def block_order(inputs: RunInputs, names: Sequence[str]) -> list[str]:
+    """The order in which a splittable stage's passes take the models ``names`` (`family_blocks`): the run's, or,
+    when the correlations are reference-only, the partners first and the reference last. The correlation passes of
+    such a run go through the pairs (reference, partner 1), (reference, partner 2), ...: a pass then reads the
+    reference and the partner whose neurons the stats and families block holds, two models instead of three.
+
+    >>> from types import SimpleNamespace as Namespace
+    >>> settings = Namespace(stages=("correlations", "stats"), correlation=CorrelationConfig(reference_only=True))
+    >>> models = [Namespace(name=name) for name in "abc"]
+    >>> block_order(Namespace(config=settings, models=models), "abc")
+    ['b', 'c', 'a']
+    """
+    config, reference = inputs.config, inputs.models[0].name
+    # settings built by hand (tests, benchmarks) may not name the stages: the correlations are then not run
+    if "correlations" in getattr(config, "stages", ()) and config.correlation.reference_only and reference in names:
+        return [name for name in names if name != reference] + [reference]
+    return list(names)
+
+
 def block_widths(sizes: Mapping[str, int], passes: int) -> tuple[int, int]:
     """(the most neurons a pass's blocks hold together, the most one model's block holds) under `family_blocks`:
     what a splittable stage's memory plan prices.
@@ -243,9 +268,11 @@ __all__ = [
     "RunSettings",
     "Stage",
     "batch_tokens",
+    "block_order",
     "block_widths",
     "chosen_models",
     "family_blocks",
+    "in_block_order",
     "models_with_neurons",
     "selected_batch",
     "selection_bytes",

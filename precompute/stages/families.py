@@ -55,6 +55,7 @@ from precompute.stages.base import (
     block_widths,
     chosen_models,
     family_blocks,
+    in_block_order,
     models_with_neurons,
     selected_batch,
     selection_bytes,
@@ -276,7 +277,7 @@ class FamiliesStage(Stage):
         }
         self.passes = split_of(inputs).passes_for(self.name)
         self.pass_index = 0
-        self.blocks = family_blocks(self.shapes, self.passes)
+        self.blocks = family_blocks(in_block_order(inputs, self.shapes), self.passes)
         self.state = {name: self._empty(name, n) for name, n in self.shapes.items()}
 
     @classmethod
@@ -297,7 +298,7 @@ class FamiliesStage(Stage):
         passes = split_of(inputs).passes_for(cls.name)
         n_all = sum(m.n_neurons for m in models)
         # one pass's blocks of neurons, every model's together, and the widest of one model (`family_blocks`)
-        widths, widest = block_widths({m.name: m.n_neurons for m in models}, passes)
+        widths, widest = block_widths({m.name: m.n_neurons for m in models}, passes)  # the same in any order
         block = widths * categories * 8  # one block's category sums
         # per neuron: firing per position, hook_pre and hook_post power sums, the best features' indices and VR,
         # the VR of each letter's unigram feature
@@ -406,7 +407,7 @@ class FamiliesStage(Stage):
         cfg = stage_config(FamiliesConfig, inputs.config.analysis.get(cls.name), cls.name)
         sizes = {m.name: m.n_neurons for m in chosen_models(inputs.models, cfg.models)}
         passes = max(1, split_of(inputs).passes_for(cls.name))
-        blocks = family_blocks(sizes, passes)
+        blocks = family_blocks(in_block_order(inputs, sizes), passes)
         return [frozenset(sizes), *(models_with_neurons(blocks, index) for index in range(1, passes))]
 
     def models_in_pass(self) -> frozenset[str] | None:

@@ -58,6 +58,7 @@ from precompute.stages.base import (
     batch_tokens,
     block_widths,
     family_blocks,
+    in_block_order,
     models_with_neurons,
     selected_batch,
     selection_bytes,
@@ -192,7 +193,7 @@ class StatsStage(Stage):
         self.shapes = {m.name: m.n_neurons for m in inputs.models}
         self.passes = split_of(inputs).passes_for(self.name)
         self.pass_index = 0
-        self.blocks = family_blocks(self.shapes, self.passes)
+        self.blocks = family_blocks(in_block_order(inputs, self.shapes), self.passes)
         self.top_k = min(self.config.token_top_k, len(self.tracked))
         self.state: dict[str, dict[str, Any]] = {name: self._empty(n) for name, n in self.shapes.items()}
         self.shared: dict[str, Any] = {
@@ -215,7 +216,7 @@ class StatsStage(Stage):
         shared = 8 * (ctx + 2 * tracked + vocab_size(inputs))  # counts per position and token, slots, tracked ids
         n_all = sum(m.n_neurons for m in inputs.models)
         # one pass's blocks of neurons, every model's together, and the widest of one model (`family_blocks`)
-        widths, widest = block_widths({m.name: m.n_neurons for m in inputs.models}, passes)
+        widths, widest = block_widths({m.name: m.n_neurons for m in inputs.models}, passes)  # the same in any order
         block = widths * tracked  # one block's token sums and maxima
         positions = widths * 2 * 2 * ctx * 8  # one block's per-position sums and sums of squares, both hooks
         largest, tokens = max(m.n_neurons for m in inputs.models), batch_tokens(inputs)
@@ -297,7 +298,7 @@ class StatsStage(Stage):
     def models_by_pass(cls, inputs: RunInputs) -> list[frozenset[str] | None]:
         """Every model in the first pass (the statistics), then the models of each pass's block (`family_blocks`)."""
         passes = max(1, split_of(inputs).passes_for(cls.name))
-        blocks = family_blocks({m.name: m.n_neurons for m in inputs.models}, passes)
+        blocks = family_blocks(in_block_order(inputs, {m.name: m.n_neurons for m in inputs.models}), passes)
         return [None, *(models_with_neurons(blocks, index) for index in range(1, passes))]
 
     def models_in_pass(self) -> frozenset[str] | None:

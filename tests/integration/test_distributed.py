@@ -251,6 +251,47 @@ def test_a_split_pass_runs_only_the_models_it_reads(tiny_family, tmp_path, monke
     assert best_matches(db) == best_matches(reference)
 
 
+def test_a_reference_only_split_takes_the_partners_blocks_with_their_correlations(tiny_family, tmp_path, monkeypatch):
+    """Reference-only, the correlations in two passes and the stats and families in three: their blocks take the
+    partners first (`block_order`), so a pass that correlates the reference with a partner also holds that
+    partner's neurons; fewer forward passes than the run's own order would need, and the one-pass run's atlas."""
+    from cli.main import parse_arguments, precompute_config
+    from precompute import activations, pipeline
+    from precompute.memory import Split
+    from precompute.stages import base
+
+    models = [str(tiny_family[name]) for name in ("base", "permuted", "other")]
+    args = ["precompute", "--tokens", "1200", "--batch-size", "4", "--reference-only"]
+    args += ["--stages", "correlations,stats,families", *models]
+    reference, db = tmp_path / "one.db", tmp_path / "split.db"
+    ran: list[list[str]] = []
+    stream = activations.stream_batches
+
+    def recorded(models, *rest, **options):
+        ran.append([model.name for model in models])
+        return stream(models, *rest, **options)
+
+    split = Split({"correlations": 2, "stats": 3, "families": 3})  # a pair a pass; a model's neurons a block
+    assert main([*args, "--db", str(reference)]) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "stream_batches", recorded)
+        patch.setattr(pipeline, "fit_split", lambda price, *_: price(split))
+        assert main([*args, "--db", str(db)]) == 0
+    config = precompute_config(parse_arguments([*args, "--db", str(db)]))
+    loaded = pipeline.prepare(config)
+    assert pipeline.planned_forwards(config, *loaded, split) == ran
+    with monkeypatch.context() as patch:
+        patch.setattr(base, "block_order", lambda inputs, names: list(names))  # the run's own order
+        in_run_order = pipeline.planned_forwards(config, *loaded, split)
+    names = ran[0]
+    # pass 1 correlates the reference with the second partner while the stats and families read the second
+    # partner's neurons (the first partner's came in pass 0); pass 2 reads the reference's alone
+    assert ran == [names, [names[0], names[2]], [names[0]]]
+    assert in_run_order == [names, names, [names[2]]]  # pass 1 would hold the first partner's block: 3 models
+    assert_same_atlas(db, reference)
+    assert best_matches(db) == best_matches(reference)
+
+
 PASSES_SCRIPT = """
 import json
 import os

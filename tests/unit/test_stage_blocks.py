@@ -42,3 +42,16 @@ def test_a_pass_after_the_first_reads_one_model_when_the_passes_are_the_models()
     blocks = family_blocks({f"seed-{i}": 36_864 for i in range(5)}, 19)
     reads = [len(models_with_neurons(blocks, index)) for index in range(19)]
     assert set(reads) <= {1, 2} and sum(reads) < 19 * 2
+
+
+def test_a_checkpoint_of_the_older_blocks_is_not_resumed_when_the_blocks_differ():
+    """Before `family_blocks` every pass held a block of every model: a checkpoint of such a split run has other
+    neurons in its blocks, and streaming starts over; one of an unsplit run (no blocks) resumes."""
+    from precompute.memory import Split
+    from precompute.pipeline import BLOCK_LAYOUT, _same_blocks
+
+    split = Split({"correlations": 3, "stats": 2, "families": 1})
+    assert not _same_blocks({}, split)
+    assert _same_blocks({"blocks": BLOCK_LAYOUT}, split)
+    assert _same_blocks({}, Split({"correlations": 3}))
+    assert not _same_blocks({"blocks": "per-model"}, Split({"families": 2}))
