@@ -99,7 +99,8 @@ def split_of(inputs: RunInputs) -> Split:
 
 def family_blocks(sizes: Mapping[str, int], passes: int) -> dict[str, list[slice]]:
     """The neurons a splittable stage handles in each of its ``passes`` passes, per model: the family's neurons in
-    the run's model order cut into ``passes`` nearly equal runs, so that a pass after the first reads one model,
+    the order of ``sizes`` (`in_block_order`) cut into ``passes`` nearly equal runs, so that a pass after the first
+    reads one model,
     or two where its run crosses from one to the next (the blocks of a model outside a pass's run are empty), and
     needs no other model's forward pass (`Stage.models_in_pass`). Every block of a pass together holds at most
     ceil(neurons / passes) neurons, as a block of every model did.
@@ -148,8 +149,8 @@ def block_order(inputs: RunInputs, names: Sequence[str]) -> list[str]:
 
 
 def block_widths(sizes: Mapping[str, int], passes: int) -> tuple[int, int]:
-    """(the most neurons a pass's blocks hold together, the most one model's block holds) under `family_blocks`:
-    what a splittable stage's memory plan prices.
+    """(the most neurons a pass's blocks hold together, the most one model's block holds) under `family_blocks`
+    with ``sizes`` in the stage's order: what a splittable stage's memory plan prices.
 
     >>> block_widths({"a": 4, "b": 4}, 3)
     (3, 3)

@@ -298,7 +298,7 @@ class FamiliesStage(Stage):
         passes = split_of(inputs).passes_for(cls.name)
         n_all = sum(m.n_neurons for m in models)
         # one pass's blocks of neurons, every model's together, and the widest of one model (`family_blocks`)
-        widths, widest = block_widths({m.name: m.n_neurons for m in models}, passes)  # the same in any order
+        widths, widest = block_widths(in_block_order(inputs, {m.name: m.n_neurons for m in models}), passes)
         block = widths * categories * 8  # one block's category sums
         # per neuron: firing per position, hook_pre and hook_post power sums, the best features' indices and VR,
         # the VR of each letter's unigram feature

@@ -216,7 +216,7 @@ class StatsStage(Stage):
         shared = 8 * (ctx + 2 * tracked + vocab_size(inputs))  # counts per position and token, slots, tracked ids
         n_all = sum(m.n_neurons for m in inputs.models)
         # one pass's blocks of neurons, every model's together, and the widest of one model (`family_blocks`)
-        widths, widest = block_widths({m.name: m.n_neurons for m in inputs.models}, passes)  # the same in any order
+        widths, widest = block_widths(in_block_order(inputs, {m.name: m.n_neurons for m in inputs.models}), passes)
         block = widths * tracked  # one block's token sums and maxima
         positions = widths * 2 * 2 * ctx * 8  # one block's per-position sums and sums of squares, both hooks
         largest, tokens = max(m.n_neurons for m in inputs.models), batch_tokens(inputs)
