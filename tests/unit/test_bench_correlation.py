@@ -42,4 +42,5 @@ def test_the_profile_lists_the_engines_operators_by_their_own_time():
     mm = rows[ops.index("aten::mm")]
     assert mm["calls_per_update"] == 3 and mm["ms_per_update"] > 0
     assert [row["ms_per_update"] for row in rows] == sorted((row["ms_per_update"] for row in rows), reverse=True)
-    assert 0 < sum(row["share"] for row in rows) <= 1.0001 and len(rows) <= bench.PROFILE_TOP
+    # each share rounded to 4 places: their sum is 1 at most, give or take half a unit of the last place each
+    assert 0 < sum(row["share"] for row in rows) <= 1 + len(rows) * 5e-5 and len(rows) <= bench.PROFILE_TOP
