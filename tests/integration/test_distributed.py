@@ -210,17 +210,11 @@ def test_split_passes_reduce_each_pass_once(models, tmp_path, monkeypatch):
     assert best_matches(db) == best_matches(reference)
 
 
-def test_a_split_pass_runs_only_the_models_it_reads(tiny_family, tmp_path, monkeypatch):
-    """One process, three models, each splittable stage in three passes: the first pass runs every model; a later
-    one only the models of its correlation blocks and Gram matrices and of the stats' and families' blocks (the
-    family's neurons cut in three runs: model 1's, then model 2's), and the atlas is the one-pass run's."""
-    from cli.main import parse_arguments, precompute_config
+def recorded_forwards(patch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Record, in the list returned, the names of the models each pass over the rows runs (the pipeline's calls of
+    `stream_batches`, one a pass)."""
     from precompute import activations, pipeline
-    from precompute.memory import Split
 
-    models = [str(tiny_family[name]) for name in ("base", "permuted", "other")]
-    args = ["precompute", "--tokens", "1200", "--batch-size", "4", "--stages", "correlations,stats,families", *models]
-    reference, db = tmp_path / "one.db", tmp_path / "split.db"
     ran: list[list[str]] = []
     stream = activations.stream_batches
 
@@ -228,8 +222,23 @@ def test_a_split_pass_runs_only_the_models_it_reads(tiny_family, tmp_path, monke
         ran.append([model.name for model in models])
         return stream(models, *rest, **options)
 
+    patch.setattr(pipeline, "stream_batches", recorded)
+    return ran
+
+
+def test_a_split_pass_runs_only_the_models_it_reads(tiny_family, tmp_path, monkeypatch):
+    """One process, three models, each splittable stage in three passes: the first pass runs every model; a later
+    one only the models of its correlation blocks and Gram matrices and of the stats' and families' blocks (the
+    family's neurons cut in three runs: model 1's, then model 2's), and the atlas is the one-pass run's."""
+    from cli.main import parse_arguments, precompute_config
+    from precompute import pipeline
+    from precompute.memory import Split
+
+    models = [str(tiny_family[name]) for name in ("base", "permuted", "other")]
+    args = ["precompute", "--tokens", "1200", "--batch-size", "4", "--stages", "correlations,stats,families", *models]
+    reference, db = tmp_path / "one.db", tmp_path / "split.db"
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "stream_batches", recorded)
+        ran = recorded_forwards(patch)
         assert main([*args, "--db", str(reference)]) == 0
         assert len(ran) == 1 and len(ran[0]) == 3
         ran.clear()
@@ -256,7 +265,7 @@ def test_a_reference_only_split_takes_the_partners_blocks_with_their_correlation
     partners first (`block_order`), so a pass that correlates the reference with a partner also holds that
     partner's neurons; fewer forward passes than the run's own order would need, and the one-pass run's atlas."""
     from cli.main import parse_arguments, precompute_config
-    from precompute import activations, pipeline
+    from precompute import pipeline
     from precompute.memory import Split
     from precompute.stages import base
 
@@ -264,17 +273,10 @@ def test_a_reference_only_split_takes_the_partners_blocks_with_their_correlation
     args = ["precompute", "--tokens", "1200", "--batch-size", "4", "--reference-only"]
     args += ["--stages", "correlations,stats,families", *models]
     reference, db = tmp_path / "one.db", tmp_path / "split.db"
-    ran: list[list[str]] = []
-    stream = activations.stream_batches
-
-    def recorded(models, *rest, **options):
-        ran.append([model.name for model in models])
-        return stream(models, *rest, **options)
-
     split = Split({"correlations": 2, "stats": 3, "families": 3})  # a pair a pass; a model's neurons a block
     assert main([*args, "--db", str(reference)]) == 0
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "stream_batches", recorded)
+        ran = recorded_forwards(patch)
         patch.setattr(pipeline, "fit_split", lambda price, *_: price(split))
         assert main([*args, "--db", str(db)]) == 0
     config = precompute_config(parse_arguments([*args, "--db", str(db)]))
