@@ -175,7 +175,7 @@ def error_against(
     }
 
 
-#: Operators `profile_engine` reports, the most expensive first.
+#: Rows of each table (operators, kernels) `profile_engine` reports, the most expensive first.
 PROFILE_TOP = 15
 
 
