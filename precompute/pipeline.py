@@ -548,19 +548,21 @@ def planned_forwards(
     A stage's passes are the run's first ones (every streaming stage starts in the first pass)."""
     inputs = RunInputs(config=config, models=models, dataset=dataset, split=split)
     by_stage = [STAGES_BY_NAME[name].models_by_pass(inputs) for name in config.stages]
-    forwards = []
-    for index in range(max(map(len, by_stage), default=0)):
-        wanted = [passes[index] for passes in by_stage if index < len(passes)]
-        names = None if any(w is None for w in wanted) else frozenset[str]().union(*(w for w in wanted if w))
-        forwards.append([m.name for m in models if names is None or m.name in names])
-    return forwards
+    return [
+        [m.name for m in _read_by_any(models, [passes[index] for passes in by_stage if index < len(passes)])]
+        for index in range(max(map(len, by_stage), default=0))
+    ]
 
 
 def pass_models(models: Sequence[LoadedModel], active: Sequence[Stage]) -> list[LoadedModel]:
     """The models whose forward passes a pass over the rows runs: those some active stage reads in its current pass
     (`Stage.models_in_pass`), in the run's order. A split stage reads one or two models in each pass after its
     first, so a run split into many passes by its memory budget does not run every model in each of them."""
-    wanted = [stage.models_in_pass() for stage in active]
+    return _read_by_any(models, [stage.models_in_pass() for stage in active])
+
+
+def _read_by_any(models: Sequence[LoadedModel], wanted: Sequence[frozenset[str] | None]) -> list[LoadedModel]:
+    """The models, in the run's order, that any of ``wanted`` names (None names every model)."""
     if any(names is None for names in wanted):
         return list(models)
     names = frozenset[str]().union(*(names for names in wanted if names is not None))
@@ -571,12 +573,14 @@ def _rank_batches(
     inputs: RunInputs,
     config: PrecomputeConfig,
     active: Sequence[Stage],
+    running: Sequence[LoadedModel],
     rows_done: int,
     group: Distributed,
     every_row: bool,
     own_rows: bool,
 ) -> Iterator[ActivationBatch]:
-    """This rank's batches of a pass from ``rows_done`` on, for the ``active`` stages (none: no batches).
+    """This rank's batches of a pass from ``rows_done`` on, for the ``active`` stages (none: no batches), with the
+    activations of the ``running`` models (`pass_models`).
 
     Args:
         every_row: every batch (a pass of this rank's own), as one process reads them.
@@ -596,7 +600,7 @@ def _rank_batches(
         start = (first - group.rank) * rows_per_batch
     kinds: list[HookKind] = sorted(frozenset[HookKind]().union(*(s.hooks for s in active)))
     return stream_batches(
-        pass_models(inputs.models, active),
+        running,
         inputs.dataset,
         kinds,
         start,
@@ -678,9 +682,12 @@ def _stream_stages(
         own_rows = mode == 2
         step = rows_per_batch if own_rows else rows_per_batch * group.world_size  # every rank's batches of a step
         started = _Clock()
+        running = pass_models(inputs.models, active) if active else []
         if rows_done == 0:  # a new pass (a resumed one is on the list already)
-            forwards.append([model.name for model in pass_models(inputs.models, active)] if active else [])
-        batches = _rank_batches(inputs, config, active, rows_done, group, every_row=bool(whole), own_rows=own_rows)
+            forwards.append([model.name for model in running])
+        batches = _rank_batches(
+            inputs, config, active, running, rows_done, group, every_row=bool(whole), own_rows=own_rows
+        )
         if needs_pilot:  # rank 0's first batch is the dataset's first: every rank's pilot (a shift, bin edges)
             held = [first] if group.is_main and (first := next(batches, None)) is not None else []
             for stage in (s for s in stages if s.hooks):  # a rank without a pass of its own still takes part
